@@ -1,0 +1,305 @@
+"""ADFA as an anomalib model: Attention-augmented Differentiable top-k Feature Adaptation.
+
+Example:
+    >>> from anomalib.engine import Engine
+    >>> from anomalib_adfa import Adfa
+    >>> from anomalib_adfa.data import BrainMRI
+    >>> engine = Engine(max_epochs=200)  # doctest: +SKIP
+    >>> engine.fit(Adfa(), datamodule=BrainMRI(root="~/data/brain_tumor_dataset"))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from anomalib import LearningType
+from anomalib.data import Batch
+from anomalib.metrics import Evaluator
+from anomalib.models.components import AnomalibModule
+from anomalib.post_processing import PostProcessor
+from anomalib.pre_processing import PreProcessor
+from anomalib.visualization import Visualizer
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torchvision.transforms.v2 import CenterCrop, Compose, Normalize, Resize
+
+from anomalib_adfa.backbones import backbone_normalization
+from anomalib_adfa.descriptor import PUBLIC_ATTENTION_KERNEL
+from anomalib_adfa.distances import DistanceMode
+from anomalib_adfa.feature_cache import FeatureCache
+from anomalib_adfa.loss import AdfaLoss
+from anomalib_adfa.soft_topk import TopKMode
+from anomalib_adfa.torch_model import AdfaModel
+
+logger = logging.getLogger(__name__)
+
+NORMALIZATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+
+# Hyperparameters that change the shape or meaning of the trained weights and centres.
+ARCHITECTURE_HPARAMS = ("backbone", "layers", "gamma_d", "attention_kernel", "image_size", "center_crop_size")
+
+
+class IncompatibleCheckpointError(ValueError):
+    """Raised when a checkpoint was trained with another ADFA configuration."""
+
+
+class Adfa(AnomalibModule):
+    """ADFA: frozen CNN features adapted towards per-position centres with a soft top-k loss.
+
+    Args:
+        backbone: timm name of the frozen backbone.
+        layers: Backbone layers to concatenate (largest map first).
+        pre_trained: Use ImageNet weights (``backbone_weights`` if given, else timm's hub).
+        backbone_weights: Local weights file for the backbone, for offline machines.
+        gamma_d: Channel reduction of the descriptor, ``D' = D // gamma_d``.
+        attention_eps: Weight of the channel attention branch (``0`` disables it).
+        attention_kernel: Kernel of the attention conv: ``9`` (public code) or ``"eca"`` (paper).
+        num_nearest: ``K`` of the soft top-k.
+        topk_mode: ``"reference"`` (published operator), ``"sharp"`` or ``"hard"``.
+        ot_epsilon: Entropic regularisation of the soft top-k.
+        distance: ``"kl_weighted"`` (public code), ``"squared"`` or ``"euclidean"`` (paper Eq. 4).
+        score_sqrt: Square root of patch scores in the anomaly map (public code).
+        sigma: Gaussian blur of the anomaly map in pixels.
+        input_normalization: ``"imagenet"``, ``"half"`` (mean = std = 0.5) or ``None`` for the
+            backbone's own normalisation. Used only by the default pre-processor.
+        image_size: Resize size of the default pre-processor.
+        center_crop_size: Centre crop of the default pre-processor (``None``: no crop).
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        cache_features: Reuse frozen-backbone features of training images across epochs.
+        cache_max_bytes: Memory budget of the feature cache.
+        pre_processor: Pre-processor, or ``True`` for the default one.
+        post_processor: Post-processor, or ``True`` for anomalib's default.
+        evaluator: Evaluator, or ``True`` for anomalib's default metrics.
+        visualizer: Visualizer, or ``True`` for anomalib's default.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "wide_resnet50_2",
+        layers: Sequence[str] = ("layer1", "layer2", "layer3"),
+        pre_trained: bool = True,
+        backbone_weights: str | Path | None = None,
+        gamma_d: int = 4,
+        attention_eps: float = 0.1,
+        attention_kernel: int | Literal["eca"] = PUBLIC_ATTENTION_KERNEL,
+        num_nearest: int = 3,
+        topk_mode: TopKMode = "reference",
+        ot_epsilon: float = 0.1,
+        distance: DistanceMode = "kl_weighted",
+        score_sqrt: bool = True,
+        sigma: float = 4.0,
+        input_normalization: Literal["imagenet", "half"] | None = None,
+        image_size: tuple[int, int] = (256, 256),
+        center_crop_size: tuple[int, int] | None = (224, 224),
+        lr: float = 1e-3,
+        weight_decay: float = 5e-4,
+        cache_features: bool = True,
+        cache_max_bytes: int = 2 * 1024**3,
+        pre_processor: PreProcessor | bool = True,
+        post_processor: PostProcessor | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        if pre_processor is True:
+            pre_processor = self.configure_pre_processor(
+                image_size=image_size,
+                center_crop_size=center_crop_size,
+                normalization=input_normalization or backbone,
+            )
+        super().__init__(
+            pre_processor=pre_processor,
+            post_processor=post_processor,
+            evaluator=evaluator,
+            visualizer=visualizer,
+        )
+        self.model = AdfaModel(
+            backbone=backbone,
+            layers=tuple(layers),
+            pre_trained=pre_trained,
+            backbone_weights=backbone_weights,
+            gamma_d=gamma_d,
+            attention_eps=attention_eps,
+            attention_kernel=attention_kernel,
+            num_nearest=num_nearest,
+            topk_mode=topk_mode,
+            ot_epsilon=ot_epsilon,
+            distance=distance,
+            score_sqrt=score_sqrt,
+            sigma=sigma,
+        )
+        self.loss = AdfaLoss()
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.feature_cache = FeatureCache(max_bytes=cache_max_bytes) if cache_features else None
+
+    @classmethod
+    def configure_pre_processor(
+        cls,
+        image_size: tuple[int, int] | None = None,
+        center_crop_size: tuple[int, int] | None = (224, 224),
+        normalization: str = "imagenet",
+    ) -> PreProcessor:
+        """Resize, centre-crop and normalise, as the public ADFA code does (256 -> 224).
+
+        Args:
+            image_size: Resize size, default ``(256, 256)``.
+            center_crop_size: Crop size, or ``None`` for no crop.
+            normalization: ``"imagenet"``, ``"half"`` or a timm backbone name whose own mean/std to use.
+
+        Returns:
+            The pre-processor.
+        """
+        image_size = tuple(image_size or (256, 256))
+        mean, std = NORMALIZATIONS.get(normalization) or backbone_normalization(normalization)
+        steps: list[Any] = [Resize(image_size, antialias=True)]
+        if center_crop_size is not None:
+            if center_crop_size[0] > image_size[0] or center_crop_size[1] > image_size[1]:
+                msg = f"center_crop_size {tuple(center_crop_size)} is larger than image_size {image_size}"
+                raise ValueError(msg)
+            steps.append(CenterCrop(tuple(center_crop_size)))
+        steps.append(Normalize(mean=list(mean), std=list(std)))
+        return PreProcessor(transform=Compose(steps))
+
+    # ------------------------------------------------------------------ training
+    def on_train_start(self) -> None:
+        """Fix the centre bank from the training images before the first step (unless loaded)."""
+        if self.feature_cache is not None:
+            self.feature_cache.bind(self._feature_fingerprint())
+        if not self.model.has_centers:
+            self.model.set_centers(self._mean_training_descriptor())
+
+    def _preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """Apply the pre-processor's transform exactly as anomalib does in its batch hooks."""
+        transform = self.pre_processor.transform if isinstance(self.pre_processor, PreProcessor) else None
+        return transform(images) if transform is not None else images
+
+    def _mean_training_descriptor(self) -> torch.Tensor:
+        """Mean initial descriptor of every training image at every position, over all ranks.
+
+        Returns:
+            Centres of shape ``(H*W, D')``.
+        """
+        total: torch.Tensor | None = None
+        count = torch.zeros((), device=self.device, dtype=torch.float64)
+        with torch.no_grad():
+            for batch in self.trainer.train_dataloader:
+                images = self._preprocess(batch.image.to(self.device))
+                descriptors = self.model.describe(self._features(images, getattr(batch, "image_path", None)))
+                batch_sum = descriptors.sum(dim=0, dtype=torch.float64)
+                total = batch_sum if total is None else total + batch_sum
+                count += descriptors.shape[0]
+        if total is None:
+            msg = "ADFA cannot compute its centres: the training dataloader yielded no images"
+            raise ValueError(msg)
+        total = self.trainer.strategy.reduce(total, reduce_op="sum")
+        count = self.trainer.strategy.reduce(count, reduce_op="sum")
+        return (total / count).float().flatten(1).T
+
+    def _features(self, images: torch.Tensor, paths: Sequence[str] | None) -> list[torch.Tensor]:
+        """Frozen-backbone features of pre-processed training images, from the cache when possible."""
+        cache = self.feature_cache
+        if cache is not None and paths is not None:
+            cached = cache.get(paths, images.device, images.dtype)
+            if cached is not None:
+                return cached
+        features = self.model.extract_features(images)
+        if cache is not None and paths is not None:
+            cache.put(paths, features)
+        return features
+
+    def _feature_fingerprint(self) -> str:
+        """Identify everything that determines the cached features."""
+        weights = self.hparams.get("backbone_weights")
+        weights_id = ""
+        if weights is not None and Path(weights).is_file():
+            stat = Path(weights).stat()
+            weights_id = f"{Path(weights).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        transform = self.pre_processor.transform if isinstance(self.pre_processor, PreProcessor) else None
+        parts = (self.hparams.get("backbone"), tuple(self.hparams.get("layers", ())), self.hparams.get("pre_trained"))
+        return hashlib.sha256(repr((parts, weights_id, repr(transform))).encode()).hexdigest()
+
+    def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """One optimisation step on the frozen (possibly cached) features.
+
+        Args:
+            batch: Pre-processed training batch.
+            *args: Unused.
+            **kwargs: Unused.
+
+        Returns:
+            Dict with the loss.
+        """
+        del args, kwargs
+        features = self._features(batch.image, getattr(batch, "image_path", None))
+        loss = self.loss(self.model.patch_scores(self.model.describe(features)))
+        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=batch.image.shape[0])
+        return {"loss": loss}
+
+    def on_train_epoch_end(self) -> None:
+        """Report how much of the epoch was served by the feature cache."""
+        if self.feature_cache is not None:
+            self.log("feature_cache_hit_rate", self.feature_cache.hit_rate, on_epoch=True)
+
+    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Score a validation batch.
+
+        Args:
+            batch: Pre-processed batch.
+            *args: Unused.
+            **kwargs: Unused.
+
+        Returns:
+            The batch updated with ``pred_score`` and ``anomaly_map``.
+        """
+        del args, kwargs
+        predictions = self.model(batch.image)
+        return batch.update(**predictions._asdict())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """AdamW with AMSGrad on the descriptor, as in the paper."""
+        return torch.optim.AdamW(
+            self.model.descriptor.parameters(),
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            amsgrad=True,
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse, with a clear message, a checkpoint trained with another configuration."""
+        saved = checkpoint.get("hyper_parameters", {})
+        mismatches = [
+            f"{name}: checkpoint has {saved[name]!r}, this model has {self.hparams[name]!r}"
+            for name in ARCHITECTURE_HPARAMS
+            if name in saved and name in self.hparams and _normalise(saved[name]) != _normalise(self.hparams[name])
+        ]
+        if mismatches:
+            msg = "The ADFA checkpoint was trained with another configuration:\n  " + "\n  ".join(mismatches)
+            raise IncompatibleCheckpointError(msg)
+        super().on_load_checkpoint(checkpoint)
+
+    # ------------------------------------------------------------------ anomalib hooks
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """No gradient clipping; no sanity validation (the centres do not exist before training)."""
+        return {"gradient_clip_val": 0, "num_sanity_val_steps": 0}
+
+    @property
+    def learning_type(self) -> LearningType:
+        """ADFA learns from normal images only."""
+        return LearningType.ONE_CLASS
+
+
+def _normalise(value: Any) -> Any:
+    """Compare hyperparameters that may come back from YAML or a checkpoint as lists instead of tuples."""
+    if isinstance(value, list | tuple):
+        return tuple(_normalise(item) for item in value)
+    return value
