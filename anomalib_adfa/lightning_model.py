@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,13 +25,16 @@ from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch.utils.data import DistributedSampler
 from torchvision.transforms.v2 import CenterCrop, Compose, Normalize, Resize
 
 from anomalib_adfa.backbones import backbone_normalization
 from anomalib_adfa.descriptor import PUBLIC_ATTENTION_KERNEL
 from anomalib_adfa.distances import DistanceMode
-from anomalib_adfa.feature_cache import FeatureCache
+from anomalib_adfa.export import install_export_guard
+from anomalib_adfa.feature_cache import FeatureCache, random_transform_reason
 from anomalib_adfa.loss import AdfaLoss
+from anomalib_adfa.post_processing import RankPreservingPostProcessor
 from anomalib_adfa.soft_topk import TopKMode
 from anomalib_adfa.torch_model import AdfaModel
 
@@ -44,6 +47,11 @@ NORMALIZATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, 
 
 # Hyperparameters that change the shape or meaning of the trained weights and centres.
 ARCHITECTURE_HPARAMS = ("backbone", "layers", "gamma_d", "attention_kernel", "image_size", "center_crop_size")
+
+
+# ONNX opset of exports: anomalib's default (14) makes torch's dynamo exporter fail noisily while converting
+# down from 18 (no adapter for Pad), after which it keeps 18 anyway.
+ONNX_OPSET_VERSION = 18
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -76,7 +84,7 @@ class Adfa(AnomalibModule):
         cache_features: Reuse frozen-backbone features of training images across epochs.
         cache_max_bytes: Memory budget of the feature cache.
         pre_processor: Pre-processor, or ``True`` for the default one.
-        post_processor: Post-processor, or ``True`` for anomalib's default.
+        post_processor: Post-processor, or ``True`` for :class:`RankPreservingPostProcessor`.
         evaluator: Evaluator, or ``True`` for anomalib's default metrics.
         visualizer: Visualizer, or ``True`` for anomalib's default.
     """
@@ -108,6 +116,7 @@ class Adfa(AnomalibModule):
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
+        install_export_guard()
         if pre_processor is True:
             pre_processor = self.configure_pre_processor(
                 image_size=image_size,
@@ -168,13 +177,29 @@ class Adfa(AnomalibModule):
         steps.append(Normalize(mean=list(mean), std=list(std)))
         return PreProcessor(transform=Compose(steps))
 
+    def configure_post_processor(self) -> PostProcessor:
+        """Use anomalib's post-processing with an order-preserving normalisation (printed AUROC = raw AUROC)."""
+        return RankPreservingPostProcessor()
+
     # ------------------------------------------------------------------ training
     def on_train_start(self) -> None:
         """Fix the centre bank from the training images before the first step (unless loaded)."""
         if self.feature_cache is not None:
-            self.feature_cache.bind(self._feature_fingerprint())
+            reason = random_transform_reason(self._train_augmentations())
+            if reason is None:
+                self.feature_cache.enable()
+                self.feature_cache.bind(self._feature_fingerprint())
+            else:
+                self.feature_cache.disable(reason)
         if not self.model.has_centers:
             self.model.set_centers(self._mean_training_descriptor())
+
+    def _train_augmentations(self) -> Any:
+        """Augmentations of the training images: the training dataset's, else the datamodule's."""
+        dataset = getattr(self.trainer.train_dataloader, "dataset", None)
+        if hasattr(dataset, "augmentations"):
+            return dataset.augmentations
+        return getattr(getattr(self.trainer, "datamodule", None), "train_augmentations", None)
 
     def _preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """Apply the pre-processor's transform exactly as anomalib does in its batch hooks."""
@@ -184,15 +209,18 @@ class Adfa(AnomalibModule):
     def _mean_training_descriptor(self) -> torch.Tensor:
         """Mean initial descriptor of every training image at every position, over all ranks.
 
+        Each rank sums its own shard, without the copies a ``DistributedSampler`` appends to even out the
+        shards, and the sums and counts are all-reduced: every image counts exactly once, on every rank.
+
         Returns:
             Centres of shape ``(H*W, D')``.
         """
         total: torch.Tensor | None = None
         count = torch.zeros((), device=self.device, dtype=torch.float64)
         with torch.no_grad():
-            for batch in self.trainer.train_dataloader:
-                images = self._preprocess(batch.image.to(self.device))
-                descriptors = self.model.describe(self._features(images, getattr(batch, "image_path", None)))
+            for batch_images, paths in _distinct_shard_batches(self.trainer.train_dataloader):
+                images = self._preprocess(batch_images.to(self.device))
+                descriptors = self.model.describe(self._features(images, paths))
                 batch_sum = descriptors.sum(dim=0, dtype=torch.float64)
                 total = batch_sum if total is None else total + batch_sum
                 count += descriptors.shape[0]
@@ -240,13 +268,22 @@ class Adfa(AnomalibModule):
         del args, kwargs
         features = self._features(batch.image, getattr(batch, "image_path", None))
         loss = self.loss(self.model.patch_scores(self.model.describe(features)))
-        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=batch.image.shape[0])
+        self.log(
+            "train_loss",
+            loss,
+            on_step=False,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=batch.image.shape[0],
+            sync_dist=True,
+        )
         return {"loss": loss}
 
     def on_train_epoch_end(self) -> None:
         """Report how much of the epoch was served by the feature cache."""
         if self.feature_cache is not None:
-            self.log("feature_cache_hit_rate", self.feature_cache.hit_rate, on_epoch=True)
+            self.log("feature_cache_hit_rate", self.feature_cache.hit_rate, on_epoch=True, sync_dist=True)
+            self.feature_cache.reset_counters()
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Score a validation batch.
@@ -275,6 +312,18 @@ class Adfa(AnomalibModule):
     # ------------------------------------------------------------------ checkpoints
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse, with a clear message, a checkpoint trained with another configuration."""
+        self.check_checkpoint_compatibility(checkpoint)
+        super().on_load_checkpoint(checkpoint)
+
+    def check_checkpoint_compatibility(self, checkpoint: dict[str, Any]) -> None:
+        """Raise unless ``checkpoint`` was trained with this model's architecture hyperparameters.
+
+        Args:
+            checkpoint: Lightning checkpoint dict (only its ``"hyper_parameters"`` are read).
+
+        Raises:
+            IncompatibleCheckpointError: Naming every hyperparameter in ``ARCHITECTURE_HPARAMS`` that differs.
+        """
         saved = checkpoint.get("hyper_parameters", {})
         mismatches = [
             f"{name}: checkpoint has {saved[name]!r}, this model has {self.hparams[name]!r}"
@@ -284,7 +333,21 @@ class Adfa(AnomalibModule):
         if mismatches:
             msg = "The ADFA checkpoint was trained with another configuration:\n  " + "\n  ".join(mismatches)
             raise IncompatibleCheckpointError(msg)
-        super().on_load_checkpoint(checkpoint)
+
+    # ------------------------------------------------------------------ export
+    def to_onnx(
+        self,
+        export_root: Path | str,
+        model_file_name: str = "model",
+        input_size: tuple[int, int] | None = None,
+        **kwargs: Any,
+    ) -> Path:
+        """Export to ONNX as anomalib does, with opset :data:`ONNX_OPSET_VERSION` unless ``opset_version`` is given.
+
+        ``to_openvino`` converts through this method, so it gets the same default.
+        """
+        kwargs.setdefault("opset_version", ONNX_OPSET_VERSION)
+        return super().to_onnx(export_root, model_file_name, input_size, **kwargs)
 
     # ------------------------------------------------------------------ anomalib hooks
     @property
@@ -296,6 +359,35 @@ class Adfa(AnomalibModule):
     def learning_type(self) -> LearningType:
         """ADFA learns from normal images only."""
         return LearningType.ONE_CLASS
+
+
+def _distinct_shard_batches(loader: Iterable[Batch]) -> Iterator[tuple[torch.Tensor, Sequence[str] | None]]:
+    """Images and paths of the loader's batches, without the padding of a ``DistributedSampler``.
+
+    Without ``drop_last`` a ``DistributedSampler`` repeats the first samples of its (shuffled) order so that
+    every rank gets ``ceil(N / world_size)`` of them. The repeats fill the last positions of the global
+    order, of which rank ``r`` takes every ``world_size``-th from ``r`` on, so only the tail of a rank's
+    order is padding and its first ``len(range(r, N, world_size))`` samples are distinct.
+
+    Args:
+        loader: Training dataloader of this process.
+
+    Yields:
+        Images and image paths (``None`` if the batch has none) of each batch, cut where the padding starts.
+    """
+    sampler = getattr(loader, "sampler", None)
+    remaining: int | None = None
+    if isinstance(sampler, DistributedSampler) and not sampler.drop_last:
+        remaining = len(range(sampler.rank, len(sampler.dataset), sampler.num_replicas))
+    for batch in loader:
+        images, paths = batch.image, getattr(batch, "image_path", None)
+        if remaining is not None:
+            if remaining <= 0:
+                return
+            images = images[:remaining]
+            paths = None if paths is None else paths[:remaining]
+            remaining -= images.shape[0]
+        yield images, paths
 
 
 def _normalise(value: Any) -> Any:
