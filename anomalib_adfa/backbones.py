@@ -198,6 +198,9 @@ def _reference_model(backbone: str) -> nn.Module:
 
 def _layer_indices(backbone: str, layers: Sequence[str], model: nn.Module) -> list[int]:
     available = [info["module"] for info in model.feature_info]
+    if not layers:
+        msg = f"No layers selected for backbone '{backbone}'. Available layers: {available}"
+        raise ValueError(msg)
     unknown = [layer for layer in layers if layer not in available]
     if unknown:
         msg = f"Unknown layer(s) {unknown} for backbone '{backbone}'. Available layers: {available}"
@@ -235,7 +238,8 @@ def create_feature_extractor(
         The frozen extractor; its ``channels`` and ``strides`` describe the selected layers.
 
     Raises:
-        ValueError: If a layer name is unknown or out of order, or if ``weights`` does not match ``backbone``.
+        ValueError: If ``layers`` is empty, a layer name is unknown or out of order, or ``weights`` does not match
+            ``backbone``.
         FileNotFoundError: If ``weights`` does not exist.
         RuntimeError: If ``pre_trained`` is set, no ``weights`` are given and timm cannot download the weights.
     """

@@ -7,16 +7,26 @@ writes heatmap overlays. Its last output line is ``image_AUROC=<value>``.
 """
 
 import argparse
+import logging
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+from anomalib.data import Folder
+from anomalib.engine import Engine
+from lightning.pytorch import seed_everything
 from matplotlib import colormaps
 from PIL import Image
+from scipy import ndimage
 from sklearn.metrics import roc_auc_score
+
+from anomalib_adfa.backbones import LITE0_BACKBONE, efficientnet_lite0_weights
+from anomalib_adfa.lightning_model import Adfa
+from anomalib_adfa.synthetic import ABNORMAL_DIR, MASK_DIR, NORMAL_DIR, NORMAL_TEST_DIR, make_phantom_dataset
 
 LITE0_LAYERS = ("blocks.1", "blocks.2", "blocks.4")
 DEMO_TOPK_MODE = "hard"
@@ -32,9 +42,11 @@ def _build_parser() -> argparse.ArgumentParser:
         description=(
             "Write a synthetic head-phantom dataset (normal training images; test images with and without "
             "lesions), train ADFA with the packaged EfficientNet-Lite0 ImageNet weights on the CPU, print the "
-            "image AUROC of the raw image scores and write heatmap overlays. Runs offline. The default top-k mode "
-            f"is '{DEMO_TOPK_MODE}': the published 'reference' operator weights the K nearest centres almost "
-            "uniformly and can get worse with training, while 'hard' and 'sharp' improve with a few epochs."
+            "image AUROC of the raw image scores and write heatmap overlays. Runs offline in one to two minutes on two "
+            f"CPU cores. The default top-k mode is '{DEMO_TOPK_MODE}': the published 'reference' operator weights "
+            "the K nearest centres almost uniformly and can get worse with training (image AUROC about 0.7 here "
+            "after 3 epochs, against about 0.95 for 'hard'); 'sharp' scores like 'hard' but trains several times "
+            "slower on a CPU."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -61,22 +73,41 @@ def _positive(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         parser.error("--image-size must be at least 64")
 
 
-def _overlay(image_path: Path, anomaly_map: np.ndarray, low: float, high: float, target: Path) -> None:
-    """Blend a heatmap over the image it was computed on and save it as PNG.
+def _quiet() -> None:
+    """Hide library start-up chatter that says nothing about the demo."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # The frozen backbone is in eval mode on purpose.
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+    warnings.filterwarnings("ignore", message=r".*treespec.*")
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # Predicting with the model just trained in memory is intended; anomalib warns that no checkpoint is loaded.
+    logging.getLogger("anomalib.engine").setLevel(logging.ERROR)
+
+
+def _overlay(
+    image_path: Path, mask: np.ndarray, anomaly_map: np.ndarray, low: float, high: float, target: Path
+) -> None:
+    """Save the image (with the lesion outline, if any) beside the heatmap blended over it, as PNG.
 
     Args:
         image_path: The scored image.
+        mask: Its ground-truth lesion mask of shape ``(H, W)``, at any resolution (all False for normal images).
         anomaly_map: Raw anomaly map of shape ``(H, W)``, at any resolution.
         low: Score shown as the coldest colour (shared by all overlays so they are comparable).
         high: Score shown as the hottest colour.
         target: PNG file to write.
     """
-    image = Image.open(image_path).convert("RGB")
-    heat = Image.fromarray(anomaly_map.astype(np.float32)).resize(image.size, Image.Resampling.BILINEAR)
-    scaled = np.clip((np.asarray(heat) - low) / max(high - low, 1e-12), 0.0, 1.0)
-    colours = colormaps["jet"](scaled)[..., :3]
-    blended = 0.55 * np.asarray(image, dtype=np.float64) / 255 + 0.45 * colours
-    side_by_side = np.concatenate([np.asarray(image, dtype=np.float64) / 255, blended], axis=1)
+    with Image.open(image_path) as loaded:
+        image = np.asarray(loaded.convert("RGB"), dtype=np.float64) / 255
+    size = (image.shape[1], image.shape[0])
+    heat = np.asarray(Image.fromarray(anomaly_map.astype(np.float32)).resize(size, Image.Resampling.BILINEAR))
+    colours = colormaps["jet"](np.clip((heat - low) / max(high - low, 1e-12), 0.0, 1.0))[..., :3]
+    blended = 0.55 * image + 0.45 * colours
+    lesion = np.asarray(Image.fromarray(mask.astype(np.uint8)).resize(size, Image.Resampling.NEAREST)) > 0
+    image[lesion & ~ndimage.binary_erosion(lesion)] = (0.0, 1.0, 0.0)
+    side_by_side = np.concatenate([image, blended], axis=1)
     Image.fromarray(np.round(side_by_side * 255).astype(np.uint8)).save(target)
 
 
@@ -105,15 +136,6 @@ def run_demo(
     Returns:
         Image AUROC of the raw image scores on the test images.
     """
-    # Imported here so that ``anomalib-adfa --help`` answers without loading anomalib.
-    from anomalib.data import Folder
-    from anomalib.engine import Engine
-    from lightning.pytorch import seed_everything
-
-    from anomalib_adfa import Adfa
-    from anomalib_adfa.backbones import LITE0_BACKBONE, efficientnet_lite0_weights
-    from anomalib_adfa.synthetic import ABNORMAL_DIR, MASK_DIR, NORMAL_DIR, NORMAL_TEST_DIR, make_phantom_dataset
-
     started = time.perf_counter()
     output.mkdir(parents=True, exist_ok=True)
     dataset = make_phantom_dataset(
@@ -158,10 +180,9 @@ def run_demo(
     predictions = engine.predict(model=model, datamodule=datamodule) or []
     scores = torch.cat([batch.pred_score.flatten() for batch in predictions]).numpy()
     labels = torch.cat([batch.gt_label.flatten() for batch in predictions]).numpy().astype(int)
-    maps = torch.cat(
-        [batch.anomaly_map.reshape(len(batch.pred_score), *batch.anomaly_map.shape[-2:]) for batch in predictions]
-    )
+    maps = torch.cat([batch.anomaly_map.reshape(-1, *batch.anomaly_map.shape[-2:]) for batch in predictions])
     paths = [Path(path) for batch in predictions for path in batch.image_path]
+    masks = torch.cat([batch.gt_mask.reshape(-1, *batch.gt_mask.shape[-2:]) for batch in predictions])
     auroc = float(roc_auc_score(labels, scores))
 
     overlay_dir = output / "overlays"
@@ -169,8 +190,8 @@ def run_demo(
     low, high = float(torch.quantile(maps[labels == 0].flatten(), 0.5)), float(maps.max())
     chosen = [*np.flatnonzero(labels == 1)[: (overlays + 1) // 2], *np.flatnonzero(labels == 0)[: overlays // 2]]
     for index in chosen:
-        target = overlay_dir / f"{paths[index].parent.name}_{paths[index].stem}.png"
-        _overlay(paths[index], maps[index].numpy(), low, high, target)
+        target = overlay_dir / paths[index].name
+        _overlay(paths[index], masks[index].numpy(), maps[index].numpy(), low, high, target)
     print(
         f"trained {epochs} epoch(s) with topk_mode={topk_mode}; {len(chosen)} overlays in {overlay_dir}; "
         f"{time.perf_counter() - started:.1f} s"
@@ -190,6 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     _positive(parser, args)
+    _quiet()
     auroc = run_demo(
         output=args.output,
         epochs=args.epochs,

@@ -23,7 +23,7 @@ Example:
     ['lesion_000.png', 'lesion_001.png']
 """
 
-import shutil
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -47,7 +47,8 @@ _PHANTOM_LEVELS = (0.0, 0.1, 0.2, 0.3, 0.4, 1.0)
 _TISSUE_CONTRAST = np.array([0.0, 0.14, 0.30, 0.44, 0.56, 0.66, 0.86])
 # The phantom fills this fraction of the frame, leaving room for deformations.
 _HEAD_FRACTION = 0.84
-_SPLIT_CODES = {NORMAL_DIR: 0, NORMAL_TEST_DIR: 1, ABNORMAL_DIR: 2}
+# Folder -> file name stem; files are named <stem>_<index:03d>.png.
+_FILE_STEMS = {NORMAL_DIR: "good", NORMAL_TEST_DIR: "good", ABNORMAL_DIR: "lesion", MASK_DIR: "lesion"}
 
 
 @dataclass(frozen=True)
@@ -122,36 +123,41 @@ def _insert_lesion(rng: np.random.Generator, image: np.ndarray, anatomy: _Anatom
         The image with the lesion, and the lesion's soft support of shape ``(S, S)`` in ``[0, 1]``.
     """
     size = image.shape[0]
-    radius = rng.uniform(0.055, 0.095) * size
-    candidates = np.argwhere(anatomy.brain_depth > radius * 1.35 + 1)
-    centre_y, centre_x = candidates[rng.integers(len(candidates))]
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
-    dy, dx = yy - centre_y, xx - centre_x
-    angle = np.arctan2(dy, dx)
+    radius = max(rng.uniform(0.06, 0.1) * size, 6.0)
     # Irregular outline: a randomly stretched ellipse whose radius is modulated by a few low angular harmonics.
     stretch = rng.uniform(0.75, 1.25)
     tilt = rng.uniform(0, np.pi)
-    outline = np.ones_like(angle)
-    for harmonic in range(2, 6):
-        outline += rng.uniform(0, 0.22) / harmonic * np.cos(harmonic * angle + rng.uniform(0, 2 * np.pi))
+    harmonics = [(k, rng.uniform(0, 0.22) / k, rng.uniform(0, 2 * np.pi)) for k in range(2, 6)]
+    edge = rng.uniform(0.8, 1.8)
+
+    def outline(angle: np.ndarray) -> np.ndarray:
+        return 1.0 + sum(amplitude * np.cos(k * angle + phase) for k, amplitude, phase in harmonics)
+
+    # Keep the whole lesion, soft edge included, inside the brain.
+    reach = outline(np.linspace(0, 2 * np.pi, 360)).max() * max(stretch, 1 / stretch) ** 0.5
+    radius = min(radius, (anatomy.brain_depth.max() - 1 - 3 * edge) / reach)  # only binds for small images
+    extent = radius * reach + 3 * edge
+    candidates = np.argwhere(anatomy.brain_depth > extent)
+    centre_y, centre_x = candidates[rng.integers(len(candidates))]
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    dy, dx = yy - centre_y, xx - centre_x
     along = dx * np.cos(tilt) + dy * np.sin(tilt)
     across = -dx * np.sin(tilt) + dy * np.cos(tilt)
-    distance = np.hypot(along * np.sqrt(stretch), across / np.sqrt(stretch)) / outline
-    edge = rng.uniform(0.8, 1.8)
+    distance = np.hypot(along * np.sqrt(stretch), across / np.sqrt(stretch)) / outline(np.arctan2(dy, dx))
 
     def profile(scale: float) -> np.ndarray:
         return 1.0 / (1.0 + np.exp((distance - radius * scale) / edge))
 
     support = profile(1.0)
-    texture = 1.0 + 0.25 * _smooth_noise(rng, size, sigma=radius / 4)
+    texture = 1.0 + 0.2 * _smooth_noise(rng, size, sigma=radius / 4)
     kind = LESION_KINDS[rng.integers(len(LESION_KINDS))]
     if kind == "bright":
-        change = rng.uniform(0.18, 0.3) * support * texture
+        change = rng.uniform(0.24, 0.36) * support * texture
     elif kind == "dark":
-        change = -rng.uniform(0.18, 0.26) * support * texture
+        change = -rng.uniform(0.22, 0.3) * support * texture
     else:
         core = profile(rng.uniform(0.5, 0.7))
-        change = rng.uniform(0.25, 0.35) * (support - core) * texture - rng.uniform(0.1, 0.18) * core
+        change = rng.uniform(0.3, 0.4) * (support - core) * texture - rng.uniform(0.16, 0.24) * core
     return np.clip(image + change, 0.0, 1.0), support
 
 
@@ -159,13 +165,13 @@ def _warp_coordinates(rng: np.random.Generator, size: int) -> np.ndarray:
     """Return sampling coordinates of a random affine + elastic deformation, shape ``(2, S, S)``."""
     centre = (size - 1) / 2
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) - centre
-    angle = np.deg2rad(rng.uniform(-12, 12))
-    scale_y, scale_x = rng.uniform(0.92, 1.06, size=2)
+    angle = np.deg2rad(rng.uniform(-8, 8))
+    scale_y, scale_x = rng.uniform(0.94, 1.05, size=2)
     cos, sin = np.cos(angle), np.sin(angle)
-    shift_y, shift_x = rng.uniform(-0.04, 0.04, size=2) * size
+    shift_y, shift_x = rng.uniform(-0.03, 0.03, size=2) * size
     source_y = (cos * yy - sin * xx) / scale_y + centre + shift_y
     source_x = (sin * yy + cos * xx) / scale_x + centre + shift_x
-    strength = rng.uniform(0.01, 0.022) * size
+    strength = rng.uniform(0.008, 0.016) * size
     source_y += strength * _smooth_noise(rng, size, sigma=size * 0.09)
     source_x += strength * _smooth_noise(rng, size, sigma=size * 0.09)
     return np.stack([source_y, source_x])
@@ -202,13 +208,22 @@ def _render(rng: np.random.Generator, size: int, abnormal: bool) -> tuple[np.nda
     return np.round(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8), mask
 
 
-def _prepare(directory: Path, overwrite: bool) -> None:
-    if directory.exists() and any(directory.iterdir()):
-        if not overwrite:
-            msg = f"{directory} already exists and is not empty; pass overwrite=True to replace it."
-            raise FileExistsError(msg)
-        shutil.rmtree(directory)
+def _prepare(directory: Path, stem: str, overwrite: bool) -> None:
+    """Create ``directory``, or empty it of images written by an earlier call; never delete anything else."""
     directory.mkdir(parents=True, exist_ok=True)
+    existing = list(directory.iterdir())
+    if not existing:
+        return
+    foreign = [path.name for path in existing if not re.fullmatch(rf"{stem}_\d{{3,}}\.png", path.name)]
+    if foreign:
+        shown = ", ".join(sorted(foreign)[:3])
+        msg = f"{directory} holds files this generator did not write ({shown}); use another root."
+        raise FileExistsError(msg)
+    if not overwrite:
+        msg = f"{directory} already holds a phantom dataset; pass overwrite=True to replace it."
+        raise FileExistsError(msg)
+    for path in existing:
+        path.unlink()
 
 
 def make_phantom_dataset(
@@ -229,18 +244,22 @@ def make_phantom_dataset(
         n_test_abnormal: Number of test images with one lesion each (and one mask each).
         image_size: Side of the square images in pixels (at least 64).
         seed: Seed; the same arguments always give byte-identical files.
-        overwrite: Replace existing, non-empty split folders under ``root``. Only the four dataset folders are
-            removed, never other content of ``root``.
+        overwrite: Replace the images of an earlier call in the same ``root``. Only files named like this
+            generator's images are ever deleted.
 
     Returns:
         The dataset's paths.
 
     Raises:
-        ValueError: If a count is negative or ``image_size`` is below 64.
-        FileExistsError: If a split folder already holds files and ``overwrite`` is False.
+        ValueError: If a count or the seed is negative, or ``image_size`` is below 64.
+        FileExistsError: If a dataset folder already holds images and ``overwrite`` is False, or holds any other
+            file.
     """
     if min(n_train, n_test_normal, n_test_abnormal) < 0:
         msg = f"Image counts must not be negative, got {n_train}, {n_test_normal}, {n_test_abnormal}."
+        raise ValueError(msg)
+    if seed < 0:
+        msg = f"seed must not be negative, got {seed}."
         raise ValueError(msg)
     if image_size < 64:  # smaller images leave no room for a visible lesion
         msg = f"image_size must be at least 64 pixels, got {image_size}."
@@ -253,19 +272,15 @@ def make_phantom_dataset(
         abnormal_dir=root / ABNORMAL_DIR,
         mask_dir=root / MASK_DIR,
     )
-    for directory in (dataset.normal_dir, dataset.normal_test_dir, dataset.abnormal_dir, dataset.mask_dir):
-        _prepare(directory, overwrite)
-    plan = (
-        (NORMAL_DIR, n_train, "good"),
-        (NORMAL_TEST_DIR, n_test_normal, "good"),
-        (ABNORMAL_DIR, n_test_abnormal, "lesion"),
-    )
-    for split, count, stem in plan:
+    for folder, stem in _FILE_STEMS.items():
+        _prepare(root / folder, stem, overwrite)
+    counts = {NORMAL_DIR: n_train, NORMAL_TEST_DIR: n_test_normal, ABNORMAL_DIR: n_test_abnormal}
+    for split_code, (split, count) in enumerate(counts.items()):
         abnormal = split == ABNORMAL_DIR
         for index in range(count):
-            rng = np.random.default_rng([seed, _SPLIT_CODES[split], index])
+            rng = np.random.default_rng([seed, split_code, index])
             image, mask = _render(rng, image_size, abnormal)
-            name = f"{stem}_{index:03d}.png"
+            name = f"{_FILE_STEMS[split]}_{index:03d}.png"
             Image.fromarray(image).save(root / split / name)
             if abnormal:
                 Image.fromarray(mask.astype(np.uint8) * 255).save(dataset.mask_dir / name)
