@@ -1,0 +1,327 @@
+"""One benchmark job: train and test one model on one dataset with one seed, and measure it.
+
+:class:`MedicalBenchmarkJob` is anomalib's :class:`~anomalib.pipelines.benchmark.job.BenchmarkJob` with what the
+medical benchmark needs on top: our datamodules and model builders (anomalib's generator only knows its own), the
+raw image scores recorded before anomalib's post-processor normalises them, train/test timing, peak memory, and
+errors returned as results instead of being hidden in a log file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import resource
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from anomalib.data import AnomalibDataModule
+from anomalib.engine import Engine
+from anomalib.pipelines.benchmark.job import BenchmarkJob
+from lightning import Callback, LightningModule, Trainer, seed_everything
+
+from anomalib_adfa import Adfa
+from anomalib_adfa.data import BUSI, BrainMRI, Covid, SIPaKMeD
+from anomalib_adfa.distances import kl_weight
+from benchmarks.metrics import auroc, best_f1, bootstrap_auroc_ci, pixel_auroc
+from benchmarks.models import UnsupportedModelError, build_model
+
+DATASETS: dict[str, tuple[type[AnomalibDataModule], str]] = {
+    "brainmri": (BrainMRI, "brain_tumor_dataset"),
+    "covid": (Covid, "covid19_xray/xray_dataset_covid19"),
+    "busi": (BUSI, "Dataset_BUSI_with_GT"),
+    "sipakmed": (SIPaKMeD, "sipakmed"),
+}
+"""Datamodule and default folder (below ``--data-root``) of each dataset."""
+
+AUROC_TOLERANCE = 0.005
+"""Largest accepted gap between our raw-score AUROC and anomalib's ``image_AUROC``."""
+
+CONTROL_MODES = ("untrained", "kl_scalar")
+"""ADFA controls scored without training: the untrained descriptor's ADFA score, or its per-image KL scalar."""
+
+
+@dataclass
+class JobSpec:
+    """Everything that defines one job.
+
+    Attributes:
+        dataset: Key of :data:`DATASETS`.
+        model: Model name (see :data:`benchmarks.models.MODEL_NAMES`).
+        seed: Seed of the split, the initialisation and the training.
+        variant: Name of the ADFA ablation variant, ``""`` for the model's defaults.
+        adfa_options: Keyword arguments of the variant for :class:`~anomalib_adfa.Adfa`.
+        control: One of :data:`CONTROL_MODES` to score ADFA without training, else ``""``.
+    """
+
+    dataset: str
+    model: str
+    seed: int
+    variant: str = ""
+    adfa_options: dict[str, Any] = field(default_factory=dict)
+    control: str = ""
+
+    @property
+    def key(self) -> str:
+        """File-name-safe identifier of the job."""
+        name = self.model if not self.variant else f"{self.model}-{self.variant}"
+        return f"{self.dataset}__{name}__seed{self.seed}"
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """Settings shared by all jobs of a run.
+
+    Attributes:
+        root: Dataset root of each dataset key.
+        settings: Factory of the shared model settings, given a job's ADFA options.
+        epochs: Training epochs of each model (already capped).
+        batch_size: Train and eval batch size.
+    """
+
+    root: dict[str, Path]
+    settings: Callable[[dict[str, Any]], Any]
+    epochs: dict[str, int]
+    batch_size: int
+
+
+class _ScoreRecorder(Callback):
+    """Keep the raw test predictions (this callback runs before the model's post-processor) and time validation."""
+
+    def __init__(self) -> None:
+        self.scores: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
+        self.maps: list[torch.Tensor] = []
+        self.masks: list[torch.Tensor] = []
+        self.validation_seconds = 0.0
+        self.test_seconds = 0.0
+        self._start = 0.0
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        del trainer, pl_module
+        self._start = time.perf_counter()
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        del trainer, pl_module
+        self.validation_seconds += time.perf_counter() - self._start
+
+    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        del trainer, pl_module
+        self._start = time.perf_counter()
+
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        del trainer, pl_module
+        self.test_seconds = time.perf_counter() - self._start
+
+    def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, *args: Any) -> None:
+        del trainer, pl_module, args
+        self.scores.append(outputs.pred_score.detach().flatten().cpu().double().clone())
+        self.labels.append(outputs.gt_label.detach().flatten().cpu().clone())
+        if outputs.gt_mask is not None and outputs.anomaly_map is not None:
+            self.maps.append(outputs.anomaly_map.detach().cpu().float().clone().reshape(outputs.gt_mask.shape))
+            self.masks.append(outputs.gt_mask.detach().cpu().clone())
+
+
+@contextlib.contextmanager
+def _peak_rss() -> Iterator[dict[str, float]]:
+    """Sample the process's resident memory every 50 ms; yields a dict whose ``"peak_mb"`` is set on exit."""
+    result: dict[str, float] = {}
+    page = resource.getpagesize()
+    statm = Path("/proc/self/statm")
+    stop = threading.Event()
+    peak = [0]
+
+    def sample() -> None:
+        while not stop.wait(0.05):
+            peak[0] = max(peak[0], int(statm.read_text().split()[1]) * page)
+
+    sampler = threading.Thread(target=sample, daemon=True) if statm.exists() else None
+    if sampler is not None:
+        sampler.start()
+    try:
+        yield result
+    finally:
+        stop.set()
+        if sampler is not None:
+            sampler.join()
+            result["peak_mb"] = peak[0] / 2**20
+        else:  # Without /proc: the process's lifetime peak (kilobytes on Linux and most BSDs).
+            result["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class MedicalBenchmarkJob(BenchmarkJob):
+    """anomalib's benchmark job for our datamodules and models; returns a flat result dict, also on failure.
+
+    Args:
+        spec: What to run.
+        context: Settings shared by the run.
+        accelerator: Lightning accelerator.
+    """
+
+    name = "medical_benchmark"
+
+    def __init__(self, spec: JobSpec, context: JobContext, accelerator: str = "cpu") -> None:
+        self.spec = spec
+        self.context = context
+        flat_cfg = {"dataset": spec.dataset, "model": spec.model, "variant": spec.variant, "seed": spec.seed}
+        # The model and datamodule are built in run(), so that building them is timed and its errors are reported.
+        super().__init__(accelerator=accelerator, model=None, datamodule=None, seed=spec.seed, flat_cfg=flat_cfg)
+
+    def run(self, task_id: int | None = None) -> dict[str, Any]:
+        """Run the job; never raises for a failing model.
+
+        Args:
+            task_id: Unused (serial execution only).
+
+        Returns:
+            ``flat_cfg`` plus ``status`` (``"ok"``, ``"unsupported"`` or ``"error"``), ``error`` and the metrics.
+        """
+        del task_id
+        result: dict[str, Any] = {**self.flat_cfg, "status": "ok", "error": ""}
+        start = time.perf_counter()
+        try:
+            with _peak_rss() as memory:
+                result.update(self._run())
+            result["peak_rss_mb"] = round(memory["peak_mb"], 1)
+        except UnsupportedModelError as err:
+            result.update(status="unsupported", error=str(err))
+        except Exception as err:  # every failure becomes a reported result row
+            result.update(status="error", error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
+        finally:
+            self.model = None
+            self.datamodule = None
+            gc.collect()
+        result["job_s"] = round(time.perf_counter() - start, 2)
+        return result
+
+    @staticmethod
+    def collect(results: list[dict[str, Any]]) -> pd.DataFrame:
+        """One row per job; unlike the parent's, rows may have different keys (failed jobs have no metrics).
+
+        Args:
+            results: Result dicts of :meth:`run`.
+
+        Returns:
+            The results table.
+        """
+        return pd.DataFrame(results)
+
+    def _datamodule(self) -> AnomalibDataModule:
+        datamodule_class, _ = DATASETS[self.spec.dataset]
+        size = self.context.batch_size
+        return datamodule_class(
+            root=self.context.root[self.spec.dataset],
+            seed=self.spec.seed,
+            train_batch_size=size,
+            eval_batch_size=size,
+            num_workers=0,
+            # The per-job decode check of every file would double the data loading; unreadable files still fail.
+            check_images=False,
+        )
+
+    def _run(self) -> dict[str, Any]:
+        seed_everything(self.spec.seed, verbose=False)
+        self.datamodule = self._datamodule()
+        self.model = build_model(self.spec.model, self.context.settings(self.spec.adfa_options))
+        if self.spec.control:
+            return self._run_control()
+        epochs = self.context.epochs[self.spec.model]
+        recorder = _ScoreRecorder()
+        with tempfile.TemporaryDirectory() as temp_dir:
+            engine = Engine(
+                accelerator=self.accelerator,
+                devices=1,
+                default_root_dir=temp_dir,
+                logger=False,
+                max_epochs=epochs,
+                # Validate (to fit the post-processor on the validation copy of the test set) once, at the end.
+                check_val_every_n_epoch=epochs,
+                callbacks=[recorder],
+                enable_progress_bar=False,
+                enable_model_summary=False,
+            )
+            fit_start = time.perf_counter()
+            engine.fit(self.model, datamodule=self.datamodule)
+            test_start = time.perf_counter()
+            test_metrics = engine.test(self.model, datamodule=self.datamodule, verbose=False)[0]
+            test_end = time.perf_counter()
+            epochs_run = engine.trainer.current_epoch
+        scores = torch.cat(recorder.scores).numpy()
+        labels = torch.cat(recorder.labels).numpy().astype(int)
+        result = {
+            "epochs": epochs_run,
+            "fit_s": round(test_start - fit_start, 2),
+            "train_s": round(test_start - fit_start - recorder.validation_seconds, 2),
+            "test_s": round(test_end - test_start, 2),
+            "test_ms_per_image": round(1000 * recorder.test_seconds / len(scores), 2),
+            **_score_metrics(labels, scores),
+            "anomalib_image_AUROC": float(test_metrics.get("image_AUROC", np.nan)),
+            "anomalib_image_F1Score": float(test_metrics.get("image_F1Score", np.nan)),
+        }
+        if recorder.masks:
+            result["pixel_AUROC"] = pixel_auroc(torch.cat(recorder.masks), torch.cat(recorder.maps))
+            result["anomalib_pixel_AUROC"] = float(test_metrics.get("pixel_AUROC", np.nan))
+        result["auroc_mismatch"] = bool(abs(result["image_AUROC"] - result["anomalib_image_AUROC"]) > AUROC_TOLERANCE)
+        return result
+
+    def _run_control(self) -> dict[str, Any]:
+        """Score ADFA without training: centres from the untrained descriptor, then the chosen score."""
+        model = self.model
+        if not isinstance(model, Adfa) or self.spec.control not in CONTROL_MODES:
+            msg = f"control {self.spec.control!r} needs model 'adfa' and one of {CONTROL_MODES}"
+            raise ValueError(msg)
+        self.datamodule.setup()
+        network = model.model.eval()
+        transform = model.pre_processor.transform
+
+        def descriptors(images: torch.Tensor) -> torch.Tensor:
+            return network.describe(network.extract_features(transform(images)))
+
+        fit_start = time.perf_counter()
+        with torch.no_grad():
+            total = torch.stack(
+                [
+                    descriptors(batch.image).sum(dim=0, dtype=torch.float64)
+                    for batch in self.datamodule.train_dataloader()
+                ]
+            ).sum(dim=0)
+            network.set_centers((total / len(self.datamodule.train_data)).float().flatten(1).T)
+            test_start = time.perf_counter()
+            scores, labels = [], []
+            for batch in self.datamodule.test_dataloader():
+                if self.spec.control == "kl_scalar":
+                    patches = descriptors(batch.image).flatten(2).transpose(1, 2)
+                    scores.append(kl_weight(patches, network.centers).flatten().double())
+                else:
+                    scores.append(network(transform(batch.image)).pred_score.double())
+                labels.append(batch.gt_label.flatten())
+        test_end = time.perf_counter()
+        score_array = torch.cat(scores).numpy()
+        return {
+            "epochs": 0,
+            "fit_s": round(test_start - fit_start, 2),
+            "train_s": 0.0,
+            "test_ms_per_image": round(1000 * (test_end - test_start) / len(score_array), 2),
+            **_score_metrics(torch.cat(labels).numpy().astype(int), score_array),
+        }
+
+
+def _score_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
+    f1, _ = best_f1(labels, scores)
+    interval = bootstrap_auroc_ci(labels, scores)
+    return {
+        "n_test": int(labels.size),
+        "n_anomalous": int(labels.sum()),
+        "image_AUROC": auroc(labels, scores),
+        "image_AUROC_ci_low": interval.low,
+        "image_AUROC_ci_high": interval.high,
+        "image_F1_best": f1,
+    }

