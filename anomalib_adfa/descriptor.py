@@ -119,6 +119,10 @@ class PatchDescriptor(nn.Module):
         stacked = concatenate_scales(features)
         batch, _, height, width = stacked.shape
         projected = self.projection(torch.cat([stacked, coordinate_channels(batch, height, width, stacked)], dim=1))
+        return self.attend(projected)
+
+    def attend(self, projected: torch.Tensor) -> torch.Tensor:
+        """Apply the attention branch to projected descriptors ``Pd``, shape ``(B, D', H, W)`` (same shape out)."""
         if self.attention_eps == 0:
             return projected
         return projected + self.attention_eps * self.attention(projected) * projected

@@ -10,6 +10,9 @@ from torch import nn
 DistanceMode = Literal["kl_weighted", "squared", "euclidean"]
 DISTANCE_MODES: tuple[str, ...] = ("kl_weighted", "squared", "euclidean")
 
+# Keeps the gradient of sqrt finite where a patch sits on a centre.
+EUCLIDEAN_EPS = 1e-12
+
 
 def squared_distances(patches: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
     """Squared Euclidean distances by the expansion ``|p|^2 + |c|^2 - 2 p.c`` (one matmul).
@@ -26,6 +29,49 @@ def squared_distances(patches: torch.Tensor, centers: torch.Tensor) -> torch.Ten
     return torch.baddbmm(
         (patch_norms + center_norms).contiguous(), patches, centers.T.expand(patches.shape[0], -1, -1), alpha=-2.0
     ).clamp_min(0.0)
+
+
+def distance_operands(
+    patches: torch.Tensor, centers: torch.Tensor, patch_scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Operands whose product is the (scaled) squared distance matrix in a single matmul.
+
+    With :math:`\hat p = s\,[p, |p|^2, 1]` and :math:`\hat c = [-2c, 1, |c|^2]`,
+    :math:`\hat p \cdot \hat c = s\,(|p|^2 + |c|^2 - 2 p \cdot c)`: the norms ride along in the matmul
+    instead of costing two extra passes over the ``(T, N)`` result, and the centre norms are computed
+    once per call. Conversely :math:`G \hat c = [-2 G c,\ G \mathbf{1},\ G |c|^2]` gives both terms of
+    the gradient with respect to the patches in one matmul.
+
+    Args:
+        patches: Descriptors, shape ``(B, T, D')``.
+        centers: Centre bank, shape ``(N, D')``.
+        patch_scale: Optional positive per-image factor ``s``, shape ``(B, 1, 1)``.
+
+    Returns:
+        ``(B, T, D' + 2)`` patch operand and ``(N, D' + 2)`` centre operand.
+    """
+    patch_ones = patches.new_ones((*patches.shape[:-1], 1))
+    patch_operand = torch.cat([patches, patches.square().sum(dim=-1, keepdim=True), patch_ones], dim=-1)
+    if patch_scale is not None:
+        patch_operand = patch_operand * patch_scale
+    center_ones = centers.new_ones((centers.shape[0], 1))
+    center_operand = torch.cat([-2.0 * centers, center_ones, centers.square().sum(dim=-1, keepdim=True)], dim=-1)
+    return patch_operand, center_operand
+
+
+def operand_distances(patch_operand: torch.Tensor, center_operand: torch.Tensor, euclidean: bool) -> torch.Tensor:
+    """Distances from the operands of :func:`distance_operands`, for a chunk of patches.
+
+    Args:
+        patch_operand: Shape ``(B, t, D' + 2)``.
+        center_operand: Shape ``(N, D' + 2)``.
+        euclidean: Take the square root (as ``PatchCenterDistance("euclidean")``).
+
+    Returns:
+        Distances ``(B, t, N)``, clamped at 0 against rounding.
+    """
+    distances = torch.matmul(patch_operand, center_operand.T).clamp_min_(0.0)
+    return distances.add_(EUCLIDEAN_EPS).sqrt_() if euclidean else distances
 
 
 def kl_weight(patches: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
@@ -74,11 +120,14 @@ class PatchCenterDistance(nn.Module):
         """
         distances = squared_distances(patches, centers)
         if self.mode == "euclidean":
-            # The epsilon keeps the gradient of sqrt finite where a patch sits on a centre.
-            return (distances + 1e-12).sqrt()
+            return (distances + EUCLIDEAN_EPS).sqrt()
         if self.mode == "kl_weighted":
             return distances * kl_weight(patches, centers)
         return distances
+
+    def patch_scale(self, patches: torch.Tensor, centers: torch.Tensor) -> torch.Tensor | None:
+        """Detached per-image factor of the squared distances, ``(B, 1, 1)``, or ``None`` when there is none."""
+        return kl_weight(patches, centers) if self.mode == "kl_weighted" else None
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}"

@@ -1,45 +1,124 @@
-"""In-memory cache of frozen-backbone features for training.
+"""Cache of frozen-backbone features for training, in memory up to a budget and on disk beyond it.
 
 The backbone is frozen and ADFA's training transforms are deterministic, so every training
 image yields the same backbone features in every epoch. The cache keeps them at their native
-stage resolutions, keyed by image path, under a fingerprint of everything that determines
-them (backbone, weights, layers, pre-processing): a different fingerprint empties the cache.
+stage resolutions (optionally in half precision), keyed by image path, under a fingerprint of
+everything that determines them (backbone, weights, layers, pre-processing): a different
+fingerprint empties the cache. Images beyond the memory budget are written to a temporary
+directory and read back from there in later epochs. With random training augmentations the
+features change from epoch to epoch, so the cache must then be disabled (see
+:func:`random_transform_reason`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import shutil
+import tempfile
+import weakref
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 
 logger = logging.getLogger(__name__)
 
+# Transforms whose output depends on the input only: they cannot make cached features stale.
+DETERMINISTIC_TRANSFORMS = frozenset(
+    {
+        "CenterCrop",
+        "ConvertImageDtype",
+        "Identity",
+        "Normalize",
+        "Resize",
+        "ToDtype",
+        "ToImage",
+        "ToPureTensor",
+        "ToTensor",
+    }
+)
+_CONTAINERS = frozenset({"Compose", "Sequential"})
 
-class FeatureCache:
-    """Bounded store of per-image feature maps.
+
+def random_transform_reason(transform: Any) -> str | None:
+    """Explain why ``transform`` may give different images from epoch to epoch, or return ``None``.
+
+    Only :data:`DETERMINISTIC_TRANSFORMS`, possibly nested in ``Compose``/``Sequential``, count as
+    deterministic; anything else is assumed random.
 
     Args:
-        max_bytes: Memory budget; images beyond it are simply not cached (recomputed each epoch).
+        transform: A torchvision (v1 or v2) transform, a container of them, or ``None``.
+
+    Returns:
+        ``None`` if the transform is deterministic, else a sentence naming the offending transform.
+    """
+    if transform is None:
+        return None
+    name = type(transform).__name__
+    if name in _CONTAINERS:
+        children: Iterable[Any] = getattr(transform, "transforms", None) or list(transform)
+        return next((reason for child in children if (reason := random_transform_reason(child))), None)
+    if name in DETERMINISTIC_TRANSFORMS:
+        return None
+    return f"the training augmentations contain {name}, which is not known to be deterministic"
+
+
+class FeatureCache:
+    """Store of per-image feature maps: in memory within ``max_bytes``, then on disk within ``max_disk_bytes``.
+
+    Args:
+        max_bytes: Memory budget in bytes.
         dtype: Storage dtype (``torch.float16`` halves the memory; features are cast back on read).
+        max_disk_bytes: Budget of the disk store; ``0`` disables spilling (images beyond the memory
+            budget are then recomputed every epoch).
+        spill_dir: Parent of the temporary spill directory (default: the system's temporary directory).
     """
 
-    def __init__(self, max_bytes: int = 2 * 1024**3, dtype: torch.dtype = torch.float16) -> None:
+    def __init__(
+        self,
+        max_bytes: int = 2 * 1024**3,
+        dtype: torch.dtype = torch.float16,
+        max_disk_bytes: int = 16 * 1024**3,
+        spill_dir: str | Path | None = None,
+    ) -> None:
         self.max_bytes = max_bytes
+        self.max_disk_bytes = max_disk_bytes
         self.dtype = dtype
+        self.spill_dir = spill_dir
         self.fingerprint: str | None = None
-        self._store: dict[str, list[torch.Tensor]] = {}
+        self.disabled_reason: str | None = None
+        self._memory: dict[str, list[torch.Tensor]] = {}
+        self._disk: dict[str, Path] = {}
         self._bytes = 0
+        self._disk_bytes = 0
+        self._directory: Path | None = None
+        self._finalizer: weakref.finalize | None = None
         self.hits = 0
         self.misses = 0
 
     def __len__(self) -> int:
-        return len(self._store)
+        return len(self._memory) + len(self._disk)
 
     @property
     def nbytes(self) -> int:
-        """Bytes currently held."""
+        """Bytes held in memory."""
         return self._bytes
+
+    @property
+    def disk_nbytes(self) -> int:
+        """Bytes held in the disk store."""
+        return self._disk_bytes
+
+    @property
+    def num_on_disk(self) -> int:
+        """Number of images held in the disk store."""
+        return len(self._disk)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether lookups and insertions are served (see :meth:`disable`)."""
+        return self.disabled_reason is None
 
     def bind(self, fingerprint: str) -> None:
         """Use the cache for features identified by ``fingerprint``; drop everything cached under another one."""
@@ -47,10 +126,28 @@ class FeatureCache:
             self.clear()
             self.fingerprint = fingerprint
 
+    def disable(self, reason: str) -> None:
+        """Stop serving and storing features, drop the entries and log ``reason``."""
+        logger.warning("Feature cache disabled: %s", reason)
+        self.clear()
+        self.disabled_reason = reason
+
+    def enable(self) -> None:
+        """Serve and store features again after :meth:`disable`."""
+        self.disabled_reason = None
+
     def clear(self) -> None:
-        """Drop all entries and reset the counters."""
-        self._store.clear()
-        self._bytes = 0
+        """Drop all entries (memory and disk) and reset the counters."""
+        self._memory.clear()
+        self._disk.clear()
+        self._bytes = self._disk_bytes = 0
+        self.hits = self.misses = 0
+        if self._finalizer is not None:
+            self._finalizer()
+        self._directory = self._finalizer = None
+
+    def reset_counters(self) -> None:
+        """Start a new hit-rate window (e.g. every epoch) without dropping entries."""
         self.hits = self.misses = 0
 
     def get(self, keys: Sequence[str], device: torch.device, dtype: torch.dtype) -> list[torch.Tensor] | None:
@@ -62,36 +159,57 @@ class FeatureCache:
             dtype: Dtype of the returned tensors.
 
         Returns:
-            One tensor per layer, ``(B, C_l, H_l, W_l)``, or ``None`` on any miss.
+            One tensor per layer, ``(B, C_l, H_l, W_l)``, or ``None`` on any miss (or when disabled).
         """
-        entries = [self._store.get(key) for key in keys]
-        if any(entry is None for entry in entries):
+        if not self.enabled:
+            return None
+        if not all(key in self._memory or key in self._disk for key in keys):
             self.misses += len(keys)
             return None
         self.hits += len(keys)
+        entries = [self._memory.get(key) or torch.load(self._disk[key], weights_only=True) for key in keys]
         return [torch.stack(layer).to(device=device, dtype=dtype) for layer in zip(*entries, strict=True)]
 
     def put(self, keys: Sequence[str], features: Sequence[torch.Tensor]) -> None:
-        """Store the features of a batch, image by image, while the budget allows.
+        """Store the features of a batch image by image: in memory, then on disk, while the budgets allow.
 
         Args:
             keys: Image identifiers, length ``B``.
             features: One tensor per layer, ``(B, C_l, H_l, W_l)``.
         """
+        if not self.enabled:
+            return
         stored = [feature.detach().to("cpu", self.dtype) for feature in features]
         for index, key in enumerate(keys):
-            if key in self._store:
+            if key in self._memory or key in self._disk:
                 continue
             entry = [layer[index].clone() for layer in stored]
             size = sum(tensor.numel() * tensor.element_size() for tensor in entry)
-            if self._bytes + size > self.max_bytes:
-                logger.info("Feature cache budget of %d bytes reached; further images are recomputed", self.max_bytes)
+            if self._bytes + size <= self.max_bytes:
+                self._memory[key] = entry
+                self._bytes += size
+            elif self._disk_bytes + size <= self.max_disk_bytes:
+                path = self._spill_directory() / f"{len(self._disk)}.pt"
+                torch.save(entry, path)
+                self._disk[key] = path
+                self._disk_bytes += size
+            else:
+                logger.info("Feature cache budgets reached; further images are recomputed every epoch")
                 return
-            self._store[key] = entry
-            self._bytes += size
+
+    def _spill_directory(self) -> Path:
+        if self._directory is None:
+            if self.spill_dir is not None:
+                Path(self.spill_dir).mkdir(parents=True, exist_ok=True)
+            self._directory = Path(tempfile.mkdtemp(prefix="adfa-features-", dir=self.spill_dir))
+            self._finalizer = weakref.finalize(self, shutil.rmtree, self._directory, True)
+            logger.info(
+                "Feature cache memory budget of %d bytes reached; spilling to %s", self.max_bytes, self._directory
+            )
+        return self._directory
 
     @property
     def hit_rate(self) -> float:
-        """Fraction of image lookups served from the cache."""
+        """Fraction of image lookups served from the cache since the last reset."""
         total = self.hits + self.misses
         return self.hits / total if total else 0.0
