@@ -1,0 +1,126 @@
+"""Per-image inference latency of ADFA in PyTorch and in OpenVINO on this machine's CPU.
+
+Each backbone is built with random weights and a random centre bank (latency does not depend on
+the values), exported with anomalib's exporter (``to_openvino``: pre-processor, ADFA and
+post-processor in one graph) and timed on random ``--input-size`` images at batch sizes 1 and 8.
+OpenVINO runs twice: at the CPU plugin's default precision (bfloat16 on CPUs with AVX512-BF16 or
+AMX, float32 otherwise) and with ``INFERENCE_PRECISION_HINT=f32``, the setting under which the
+exported graph matches PyTorch to 1e-3 (tests/test_export.py).
+
+Usage::
+
+    python benchmarks/inference_latency.py [--backbones wr50 lite0] [--repeats 5] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import openvino as ov
+import torch
+
+from anomalib_adfa import Adfa
+
+BACKBONES = {
+    "wr50": {"backbone": "wide_resnet50_2", "layers": ("layer1", "layer2", "layer3")},
+    "lite0": {"backbone": "tf_efficientnet_lite0", "layers": ("blocks.1", "blocks.2", "blocks.4")},
+}
+BATCH_SIZES = (1, 8)
+
+
+def build_model(name: str) -> Adfa:
+    """ADFA at the paper's resolution (256 px resized, 224 px crop) with random weights and centres."""
+    torch.manual_seed(0)
+    model = Adfa(**BACKBONES[name], pre_trained=False, image_size=(256, 256), center_crop_size=(224, 224)).eval()
+    with torch.no_grad():
+        features = model.model.extract_features(torch.zeros(1, 3, 224, 224))
+        grid = model.model.describe(features).shape[-2:]
+    model.model.set_centers(torch.randn(grid[0] * grid[1], model.model.descriptor_channels))
+    return model
+
+
+def median_seconds(run: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """Median wall time and median process CPU time (all threads) of ``run``, after one warm-up call.
+
+    On a machine shared with other jobs the wall time includes waiting for a core; the CPU time does
+    not, so ``cpu / threads`` approximates the wall time of an idle machine.
+    """
+    run()
+    wall, cpu = [], []
+    for _ in range(repeats):
+        wall_start, cpu_start = time.perf_counter(), time.process_time()
+        run()
+        wall.append(time.perf_counter() - wall_start)
+        cpu.append(time.process_time() - cpu_start)
+    return statistics.median(wall), statistics.median(cpu)
+
+
+def measure(name: str, input_size: int, repeats: int, export_root: Path) -> list[tuple[str, str, int, float, float]]:
+    """Per-image wall and CPU milliseconds of every runtime and batch size for one backbone."""
+    model = build_model(name)
+    start = time.perf_counter()
+    xml_path = model.to_openvino(export_root / name)
+    print(f"{name}: exported to OpenVINO in {time.perf_counter() - start:.0f} s", flush=True)
+    core = ov.Core()
+    runtimes: dict[str, Callable[[np.ndarray], object]] = {}
+    for hint in (None, "f32"):
+        compiled = core.compile_model(
+            core.read_model(xml_path), "CPU", {"INFERENCE_PRECISION_HINT": hint} if hint else {}
+        )
+        precision = compiled.get_property("INFERENCE_PRECISION_HINT")
+        runtimes[f"openvino {precision}{'' if hint else ' (default)'}"] = compiled
+
+    def torch_run(images: np.ndarray) -> object:
+        with torch.inference_mode():
+            return model(torch.from_numpy(images))
+
+    rows = []
+    for batch_size in BATCH_SIZES:
+        images = np.random.default_rng(0).random((batch_size, 3, input_size, input_size), dtype=np.float32)
+        for label, run in (("torch", torch_run), *runtimes.items()):
+            wall, cpu = median_seconds(lambda run=run, images=images: run(images), repeats)
+            rows.append((name, label, batch_size, 1000 * wall / batch_size, 1000 * cpu / batch_size))
+            print(
+                f"{name:>6} {label:>24} batch {batch_size}: {rows[-1][3]:8.1f} ms/image wall, "
+                f"{rows[-1][4]:8.1f} ms/image CPU",
+                flush=True,
+            )
+    return rows
+
+
+def cpu_model() -> str:
+    """CPU model name from /proc/cpuinfo (Linux), else the platform's processor string."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backbones", nargs="+", choices=sorted(BACKBONES), default=["wr50", "lite0"])
+    parser.add_argument("--input-size", type=int, default=256, help="side of the random input images (pixels)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per setting (median reported)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    print(f"CPU: {cpu_model()}, torch threads: {torch.get_num_threads()}, OpenVINO {ov.get_version()}")
+    with tempfile.TemporaryDirectory() as folder:
+        rows = [row for name in args.backbones for row in measure(name, args.input_size, args.repeats, Path(folder))]
+    print("\n| backbone | runtime | batch | wall ms / image | CPU ms / image |\n|---|---|---|---|---|")
+    for name, label, batch_size, wall, cpu in rows:
+        print(f"| {name} | {label} | {batch_size} | {wall:.1f} | {cpu:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
