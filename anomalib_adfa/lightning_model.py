@@ -279,6 +279,17 @@ class Adfa(AnomalibModule):
         )
         return {"loss": loss}
 
+    def on_train_epoch_start(self) -> None:
+        """Under DDP with the feature cache, keep each rank on its own shard of the training images.
+
+        Lightning's ``DistributedSampler`` deals the images out afresh every epoch, so a rank would keep
+        meeting images it has not cached. Pinning the sampler's epoch keeps each rank's shard (and its
+        order) fixed: every rank caches only its shard and computes each of its images once.
+        """
+        sampler = getattr(self.trainer.train_dataloader, "sampler", None)
+        if self.feature_cache is not None and self.feature_cache.enabled and isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(0)
+
     def on_train_epoch_end(self) -> None:
         """Report how much of the epoch was served by the feature cache."""
         if self.feature_cache is not None:

@@ -85,6 +85,10 @@ from anomalib_adfa.distances import EUCLIDEAN_EPS, PatchCenterDistance, distance
 
 TopKMode = Literal["reference", "sharp", "hard"]
 TOPK_MODES: tuple[str, ...] = ("reference", "sharp", "hard")
+# Newton steps per mode: eager code stops earlier at tolerance, exported graphs run exactly these.
+# Reference mode reaches float32 precision in 1 step from the uniform start, sharp mode in 3-4
+# from its start between the K-th and (K+1)-th logits; hard mode has no search.
+MAX_SOLVER_STEPS: dict[str, int] = {"reference": 4, "sharp": 12, "hard": 0}
 
 _SHARP_SCALE_FLOOR = 1e-12
 
@@ -395,12 +399,11 @@ class SoftTopK(nn.Module):
         k: Number of nearest centres ``K``.
         mode: ``"reference"``, ``"sharp"`` or ``"hard"``.
         epsilon: Entropic regularisation of the OT problem.
-        num_iterations: Solver steps; the default reaches float32 precision on ADFA's
-            distances in every soft mode.
+        num_iterations: Maximum solver steps; default :data:`MAX_SOLVER_STEPS` of the mode.
     """
 
     def __init__(
-        self, k: int = 3, mode: TopKMode = "reference", epsilon: float = 0.1, num_iterations: int = 30
+        self, k: int = 3, mode: TopKMode = "reference", epsilon: float = 0.1, num_iterations: int | None = None
     ) -> None:
         super().__init__()
         if mode not in TOPK_MODES:
@@ -412,7 +415,8 @@ class SoftTopK(nn.Module):
         self.k = k
         self.mode = mode
         self.epsilon = epsilon
-        self.num_iterations = num_iterations
+        # Also the exact step count of exported graphs, which cannot exit early.
+        self.num_iterations = MAX_SOLVER_STEPS[mode] if num_iterations is None else num_iterations
 
     def forward(self, distances: torch.Tensor) -> torch.Tensor:
         """Compute the weights.
@@ -629,7 +633,9 @@ def nearest_center_scores(
         msg = "nearest_center_scores treats the centre bank as constant; detach the centres"
         raise ValueError(msg)
     tol = default_tolerance(patches.dtype) if tol is None else tol
-    rows_per_chunk = max(1, chunk_elements // (patches.shape[0] * centers.shape[0]))
+    # An exported graph takes any batch size, so its chunks must not depend on it: there the budget is per image.
+    batch = patches.shape[0] if may_exit_early() else 1
+    rows_per_chunk = max(1, chunk_elements // (batch * centers.shape[0]))
     patch_scale = distance.patch_scale(patches, centers)
     euclidean = distance.mode == "euclidean"
     if torch.is_grad_enabled() and patches.requires_grad:

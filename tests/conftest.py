@@ -16,19 +16,19 @@ def shared_dataset(relative: str) -> Path:
     return path
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def brainmri_root() -> Path:
     """Root of the real BrainMRI download (``no/``, ``yes/``)."""
     return shared_dataset("brain_tumor_dataset")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def covid_root() -> Path:
     """Root of the real Covid download (``train/``, ``test/``)."""
     return shared_dataset("covid19_xray/xray_dataset_covid19")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def busi_sample_root() -> Path:
     """Root of the small real BUSI sample (``normal/``, ``benign/``, ``malignant/``)."""
     return shared_dataset("busi_sample/Dataset_BUSI_with_GT")

@@ -26,7 +26,6 @@ from anomalib.data import Folder
 from anomalib.data.utils import read_image
 from anomalib.deploy import TorchInferencer
 from anomalib.engine import Engine
-from conftest import shared_dataset
 from torchvision.transforms.v2.functional import resize
 
 from anomalib_adfa import Adfa
@@ -36,7 +35,6 @@ from anomalib_adfa.soft_topk import TOPK_MODES
 
 pytestmark = pytest.mark.slow
 
-COVID = "covid19_xray/xray_dataset_covid19"
 FAST_CONFIG = {
     "backbone": "tf_efficientnet_lite0",
     "layers": ("blocks.1", "blocks.2", "blocks.4"),
@@ -72,8 +70,8 @@ def relative_difference(actual: np.ndarray | torch.Tensor, expected: torch.Tenso
 
 
 @pytest.fixture(scope="module")
-def datamodule() -> Folder:
-    root = shared_dataset(COVID)
+def datamodule(covid_root: Path) -> Folder:
+    root = covid_root
     return Folder(
         name="covid",
         root=root,
@@ -105,9 +103,9 @@ def trained(datamodule: Folder, tmp_path_factory: pytest.TempPathFactory) -> tup
 
 
 @pytest.fixture(scope="module")
-def image_paths() -> list[Path]:
+def image_paths(covid_root: Path) -> list[Path]:
     """Two normal and two pneumonia test images (512 x 512 grey-level JPEGs)."""
-    root = shared_dataset(COVID) / "test"
+    root = covid_root / "test"
     return [path for folder in ("NORMAL", "PNEUMONIA") for path in sorted((root / folder).glob("*.jpeg"))[:2]]
 
 
