@@ -28,7 +28,7 @@ from anomalib.deploy import TorchInferencer
 from anomalib.engine import Engine
 from torchvision.transforms.v2.functional import resize
 
-from anomalib_adfa import Adfa
+from anomalib_adfa import Adfa, soft_topk
 from anomalib_adfa.callbacks import ScoreCSVWriter
 from anomalib_adfa.lightning_model import ONNX_OPSET_VERSION, IncompatibleCheckpointError
 from anomalib_adfa.soft_topk import TOPK_MODES
@@ -274,3 +274,21 @@ def test_predict_writes_overlays_and_a_score_csv(
         assert 0.0 < float(row["pred_score"]) < 1.0
     overlays = {path.name for path in (tmp_path / "run").rglob("*.jpeg")}
     assert overlays == {path.name for path in image_paths}
+
+
+def test_exported_chunked_scoring_takes_any_batch_size(
+    trained: tuple[Adfa, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # At 224 px the patch scoring runs in several chunks; a small chunk budget makes this 64 px model do the same.
+    monkeypatch.setattr(soft_topk.nearest_center_scores, "__defaults__", (3000, None))
+    model = copy.deepcopy(trained[0]).eval()
+    assert model.model.centers.shape[0] > 3000 // model.model.centers.shape[0]  # more than one chunk
+    onnx_path = model.to_onnx(export_root=tmp_path, input_size=None)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    for batch in (1, 3):  # neither is the batch size the graph was traced with
+        images = torch.rand(batch, 3, 72, 72)
+        with torch.no_grad():
+            expected = model(images).pred_score
+        names = [output.name for output in session.get_outputs()]
+        outputs = dict(zip(names, session.run(None, {"input": images.numpy()}), strict=True))
+        assert relative_difference(outputs["pred_score"], expected) <= RTOL
