@@ -116,10 +116,32 @@ class PatchDescriptor(nn.Module):
         Returns:
             Descriptors ``P`` of shape ``(B, D', H, W)`` with ``(H, W)`` of the first map.
         """
-        stacked = concatenate_scales(features)
-        batch, _, height, width = stacked.shape
-        projected = self.projection(torch.cat([stacked, coordinate_channels(batch, height, width, stacked)], dim=1))
-        return self.attend(projected)
+        return self.attend(self.project(features))
+
+    def project(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``Pd``: the 1x1 projection of the concatenated maps and coordinates, computed map by map.
+
+        Equal to ``projection(cat(concatenate_scales(features), coordinates))`` but cheaper: a 1x1
+        convolution commutes with bilinear resizing (both are linear and the resizing weights of every
+        output pixel sum to one), so each map is projected at its native resolution and only the
+        ``D'``-channel projections are resized and summed.
+
+        Args:
+            features: Pooled backbone maps, each ``(B, C_l, H_l, W_l)``; the first is the largest.
+
+        Returns:
+            Projected descriptors of shape ``(B, D', H_0, W_0)``.
+        """
+        weights = self.projection.weight.split([feature.shape[1] for feature in features] + [2], dim=1)
+        height, width = features[0].shape[-2:]
+        coordinates = coordinate_channels(1, height, width, features[0])
+        projected = F.conv2d(coordinates, weights[-1], self.projection.bias)
+        for feature, weight in zip(features, weights, strict=False):
+            part = F.conv2d(feature, weight)
+            if part.shape[-2:] != (height, width):
+                part = F.interpolate(part, size=(height, width), mode="bilinear", align_corners=False)
+            projected = projected + part
+        return projected
 
     def attend(self, projected: torch.Tensor) -> torch.Tensor:
         """Apply the attention branch to projected descriptors ``Pd``, shape ``(B, D', H, W)`` (same shape out)."""
@@ -142,6 +164,9 @@ def pool_features(features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 def concatenate_scales(features: Sequence[torch.Tensor]) -> torch.Tensor:
     """Bilinearly resize every map to the first (largest) one and concatenate along channels.
+
+    This is the paper's definition of the descriptor's input; :meth:`PatchDescriptor.project` computes its
+    projection without materialising it (the tests check the two agree).
 
     Args:
         features: Maps, each ``(B, C_l, H_l, W_l)``.

@@ -15,11 +15,10 @@ import torch
 from anomalib.data import InferenceBatch
 from anomalib.models.components.base import DynamicBufferMixin
 from torch import nn
-from torch.nn import functional as F  # noqa: N812
 
 from anomalib_adfa.anomaly_map import AnomalyMapGenerator
 from anomalib_adfa.backbones import create_feature_extractor
-from anomalib_adfa.descriptor import PUBLIC_ATTENTION_KERNEL, PatchDescriptor, coordinate_channels, pool_features
+from anomalib_adfa.descriptor import PUBLIC_ATTENTION_KERNEL, PatchDescriptor, pool_features
 from anomalib_adfa.distances import DistanceMode, PatchCenterDistance
 from anomalib_adfa.soft_topk import SoftTopK, TopKMode, nearest_center_scores
 
@@ -99,31 +98,8 @@ class AdfaModel(DynamicBufferMixin, nn.Module):
             return pool_features(list(self.feature_extractor(images).values()))
 
     def describe(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Trainable part: patch descriptors ``P``, shape ``(B, D', H, W)``.
-
-        Equal to ``self.descriptor(features)``, computed in a cheaper order: a 1x1 convolution commutes
-        with bilinear resizing (both are linear and the resizing weights of every output pixel sum to
-        one), so each map is projected at its native resolution and only the ``D'``-channel projections
-        are resized and summed, instead of projecting the full-resolution concatenation of all ``D``
-        channels.
-
-        Args:
-            features: Pooled backbone maps, each ``(B, C_l, H_l, W_l)``; the first is the largest.
-
-        Returns:
-            Descriptors of shape ``(B, D', H_0, W_0)``.
-        """
-        projection = self.descriptor.projection
-        weights = projection.weight.split([feature.shape[1] for feature in features] + [2], dim=1)
-        height, width = features[0].shape[-2:]
-        coordinates = coordinate_channels(1, height, width, features[0])
-        projected = F.conv2d(coordinates, weights[-1], projection.bias)
-        for feature, weight in zip(features, weights, strict=False):
-            part = F.conv2d(feature, weight)
-            if part.shape[-2:] != (height, width):
-                part = F.interpolate(part, size=(height, width), mode="bilinear", align_corners=False)
-            projected = projected + part
-        return self.descriptor.attend(projected)
+        """Trainable part: patch descriptors ``P``, shape ``(B, D', H, W)``."""
+        return self.descriptor(features)
 
     def set_centers(self, centers: torch.Tensor) -> None:
         """Fix the centre bank.

@@ -9,6 +9,7 @@ import torch
 from torchvision.transforms import v2
 
 from anomalib_adfa import Adfa
+from anomalib_adfa.descriptor import concatenate_scales, coordinate_channels
 from anomalib_adfa.distances import DISTANCE_MODES, PatchCenterDistance
 from anomalib_adfa.feature_cache import FeatureCache, random_transform_reason
 from anomalib_adfa.soft_topk import TOPK_MODES, SoftTopK, nearest_center_scores
@@ -99,7 +100,10 @@ def test_decomposed_projection_equals_concatenated_projection() -> None:
     model = AdfaModel(**LITE0).double()
     features = model.extract_features(torch.randn(2, 3, 64, 64, dtype=torch.float64))
     assert len({feature.shape[-1] for feature in features}) == 3  # three resolutions, two of them resized
-    decomposed, concatenated = model.describe(features), model.descriptor(features)
+    stacked = concatenate_scales(features)
+    coordinates = coordinate_channels(2, *stacked.shape[-2:], stacked)
+    decomposed = model.describe(features)
+    concatenated = model.descriptor.attend(model.descriptor.projection(torch.cat([stacked, coordinates], dim=1)))
     torch.testing.assert_close(decomposed, concatenated, rtol=1e-12, atol=1e-12)
     weight = model.descriptor.projection.weight
     upstream = torch.randn_like(decomposed)
