@@ -4,7 +4,8 @@ anomalib has no plugin entry point: its CLI resolves ``--model Adfa`` or ``--dat
 only among classes that are already imported. The one-line ``anomalib_adfa_autoload.pth``
 installed next to this module calls :func:`install` at interpreter start-up. That adds a
 finder which does nothing until ``anomalib.models`` is imported, then imports
-``anomalib_adfa`` and ``anomalib_adfa.data`` right after it, and removes itself. Processes
+``anomalib_adfa`` and ``anomalib_adfa.data`` (and the classes they load lazily) right after it, and
+removes itself. Processes
 that never import anomalib pay only for reading this file.
 """
 
@@ -34,8 +35,7 @@ class _ImportAfterLoader(importlib.abc.Loader):
         module.__spec__.loader = self.inner
         module.__loader__ = self.inner
         self.inner.exec_module(module)
-        for name in PLUGIN_MODULES:
-            importlib.import_module(name)
+        _import_plugins()
 
 
 class _AnomalibModelsFinder(importlib.abc.MetaPathFinder):
@@ -52,11 +52,18 @@ class _AnomalibModelsFinder(importlib.abc.MetaPathFinder):
         return spec
 
 
+def _import_plugins() -> None:
+    """Import the plugin packages and every public class they load lazily, which registers them with anomalib."""
+    for name in PLUGIN_MODULES:
+        module = importlib.import_module(name)
+        for attribute in getattr(module, "__all__", ()):
+            getattr(module, attribute)
+
+
 def install() -> None:
     """Register the finder once (``.pth`` files may be processed more than once)."""
     if TRIGGER in sys.modules:
-        for name in PLUGIN_MODULES:
-            importlib.import_module(name)
+        _import_plugins()
         return
     if not any(isinstance(finder, _AnomalibModelsFinder) for finder in sys.meta_path):
         sys.meta_path.insert(0, _AnomalibModelsFinder())

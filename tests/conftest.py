@@ -1,7 +1,9 @@
 """Shared pytest fixtures: paths to the real medical images and a fixed seed."""
 
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -32,3 +34,57 @@ def covid_root() -> Path:
 def busi_sample_root() -> Path:
     """Root of the small real BUSI sample (``normal/``, ``benign/``, ``malignant/``)."""
     return shared_dataset("busi_sample/Dataset_BUSI_with_GT")
+
+
+PATIENT_NAME = "Doe^Recognisable^Patientname"
+"""Patient name of every DICOM file that :func:`write_dicom` makes; no output may contain it."""
+
+
+def write_dicom(
+    path: Path,
+    pixels: np.ndarray,
+    photometric: str = "MONOCHROME2",
+    bits_stored: int | None = None,
+    compress: str | None = None,
+    **tags: object,
+) -> Path:
+    """Write ``pixels`` as a DICOM Part 10 file (secondary capture) with patient tags and any extra ``tags``.
+
+    Args:
+        path: File to write (any name; DICOM is recognised by content).
+        pixels: ``uint8``/``uint16``/``int16`` array, ``(H, W)``, ``(frames, H, W)`` or ``(H, W, 3)``.
+        photometric: Photometric Interpretation.
+        bits_stored: Bits Stored (default: the dtype's size).
+        compress: Transfer syntax UID to compress with (pydicom encodes RLE Lossless natively).
+        **tags: Extra data elements by keyword (``RescaleSlope=2``, ``WindowCenter=[..]``...).
+    """
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset = Dataset()
+    dataset.file_meta = meta
+    dataset.SOPClassUID = SecondaryCaptureImageStorage
+    dataset.PatientName = PATIENT_NAME
+    dataset.PatientID = "PID-0451-RECOGNISABLE"
+    dataset.PatientBirthDate = "19230405"
+    dataset.Modality = "OT"
+    dataset.set_pixel_data(pixels, photometric, bits_stored or pixels.dtype.itemsize * 8)
+    dataset.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    for keyword, value in tags.items():
+        setattr(dataset, keyword, value)
+    if compress is not None:
+        dataset.compress(compress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dataset.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def dicom_writer() -> Callable[..., Path]:
+    """:func:`write_dicom`, for tests that build DICOM files (skips when pydicom is not installed)."""
+    pytest.importorskip("pydicom", reason="the dicom extra is not installed: pip install 'anomalib-adfa[dicom]'")
+    return write_dicom

@@ -35,6 +35,7 @@ from anomalib.data.utils import LabelName, Split, TestSplitMode, ValSplitMode
 from pandas import DataFrame
 from torchvision.tv_tensors import Mask
 
+from anomalib_adfa.data.dicom import ReadOptions
 from anomalib_adfa.data.image import check_readable, load_image, load_mask
 from anomalib_adfa.data.layout import DatasetLayout, ImageEntry, layout_error, list_images, locate_folders
 from anomalib_adfa.data.split import seeded_partition
@@ -84,6 +85,8 @@ class MedicalDataset(AnomalibDataset, ABC):
     """
 
     layout: ClassVar[DatasetLayout]
+    read_options: ReadOptions = ReadOptions()
+    """How DICOM files are windowed and which frame is read (see :class:`~anomalib_adfa.data.dicom.ReadOptions`)."""
 
     def __init__(
         self,
@@ -105,7 +108,7 @@ class MedicalDataset(AnomalibDataset, ABC):
         samples = self._samples_table(self._assign(images))
         self._check_split_sizes(samples, images)
         if check_images:
-            _check_files(samples)
+            _check_files(samples, self.read_options)
         if split is not None:
             split = Split(split)
             samples = samples[samples.split == split.value].reset_index(drop=True)
@@ -189,7 +192,7 @@ class MedicalDataset(AnomalibDataset, ABC):
             The item, with an empty mask for normal images of a segmentation dataset.
         """
         sample = self.samples.iloc[index]
-        image = load_image(sample.image_path)
+        image = load_image(sample.image_path, self.read_options)
         gt_mask = None
         if self.task == TaskType.SEGMENTATION:
             size = (image.shape[-2], image.shape[-1])
@@ -213,10 +216,11 @@ class MedicalDataset(AnomalibDataset, ABC):
         )
 
 
-def _check_files(samples: DataFrame) -> None:
-    """Decode-check every image and mask file of a samples table (see :func:`.image.check_readable`)."""
-    masks = [path for paths in samples.mask_paths for path in paths]
-    check_readable(Path(path) for path in [*samples.image_path, *masks])
+def _check_files(samples: DataFrame, options: ReadOptions) -> None:
+    """Read-check every image and mask file of a samples table, and mask sizes (see :func:`.image.check_readable`)."""
+    images = [Path(path) for path in samples.image_path]
+    masks = {image: [Path(path) for path in paths] for image, paths in zip(images, samples.mask_paths, strict=True)}
+    check_readable([*images, *(mask for paths in masks.values() for mask in paths)], options, masks)
 
 
 class MedicalDataModule(AnomalibDataModule):

@@ -16,11 +16,12 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from anomalib_adfa.data.dicom import is_dicom
 from anomalib_adfa.data.errors import DatasetLayoutError
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"})
 _IGNORED_NAMES = frozenset({"__macosx", "thumbs.db", "desktop.ini"})
 _MASK_STEM = re.compile(r"^(?P<stem>.+)_mask(?:_(?P<index>\d+))?$", re.IGNORECASE)
 _MAX_LISTED = 20
@@ -77,8 +78,15 @@ def _subdirectories(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not is_ignored(p.name))
 
 
+def is_image_file(path: Path) -> bool:
+    """Return whether a file is an image to use: an image extension, or DICOM content under any name."""
+    if is_ignored(path.name) or not path.is_file():
+        return False
+    return path.suffix.lower() in IMAGE_EXTENSIONS or is_dicom(path)
+
+
 def _has_images(folder: Path) -> bool:
-    return any(p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() for p in folder.iterdir())
+    return any(is_image_file(p) for p in folder.iterdir())
 
 
 def find_folder(base: Path, relative: str) -> Path | None:
@@ -185,8 +193,8 @@ def list_images(folder: Path, folder_name: str) -> list[ImageEntry]:
     """List the images directly inside a class folder, each with its mask files.
 
     Files named ``<image stem>_mask.<ext>`` or ``<image stem>_mask_<N>.<ext>`` are masks, never samples.
-    Subfolders (e.g. SIPaKMeD's ``CROPPED/``), hidden files, ``Thumbs.db`` and non-image files
-    (``.csv``, ``.dat``...) are skipped.
+    DICOM files count whatever their name (PACS exports often have none). Subfolders (e.g. SIPaKMeD's
+    ``CROPPED/``), hidden files, ``Thumbs.db`` and non-image files (``.csv``, ``.dat``...) are skipped.
 
     Args:
         folder: Class folder on disk.
@@ -198,7 +206,7 @@ def list_images(folder: Path, folder_name: str) -> list[ImageEntry]:
     images: list[Path] = []
     masks: dict[str, list[tuple[int, str, Path]]] = defaultdict(list)
     for path in folder.iterdir():
-        if is_ignored(path.name) or path.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_file():
+        if not is_image_file(path):
             continue
         match = _MASK_STEM.match(path.stem)
         if match:
