@@ -88,3 +88,28 @@ def dicom_writer() -> Callable[..., Path]:
     """:func:`write_dicom`, for tests that build DICOM files (skips when pydicom is not installed)."""
     pytest.importorskip("pydicom", reason="the dicom extra is not installed: pip install 'anomalib-adfa[dicom]'")
     return write_dicom
+
+
+@pytest.fixture(scope="session")
+def dicom_patient_name() -> str:
+    """The patient name written into every file :func:`write_dicom` makes."""
+    return PATIENT_NAME
+
+
+@pytest.fixture(scope="session")
+def grey_slices(tmp_path_factory: pytest.TempPathFactory) -> list[np.ndarray]:
+    """Two 8-bit grey 80 x 96 images: real chest X-rays (Covid), or synthetic head phantoms when they are absent."""
+    from PIL import Image
+
+    from anomalib_adfa.synthetic import make_phantom_dataset
+
+    folder = SHARED_DATA / "covid19_xray" / "xray_dataset_covid19" / "test" / "NORMAL"
+    paths = sorted(folder.glob("*.jp*g"))[:2] if folder.is_dir() else []
+    if not paths:
+        dataset = make_phantom_dataset(tmp_path_factory.mktemp("phantoms"), 2, 1, 1, image_size=64, seed=0)
+        paths = sorted(dataset.normal_dir.iterdir())
+    slices = []
+    for path in paths:
+        with Image.open(path) as image:
+            slices.append(np.asarray(image.convert("L").resize((96, 80))))
+    return slices
