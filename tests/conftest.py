@@ -113,3 +113,46 @@ def grey_slices(tmp_path_factory: pytest.TempPathFactory) -> list[np.ndarray]:
         with Image.open(path) as image:
             slices.append(np.asarray(image.convert("L").resize((96, 80))))
     return slices
+
+
+def dicom_copy(png: Path, target_dir: Path, variant: int) -> Path:
+    """Write a DICOM copy of an 8-bit grey PNG that the reader must load as the same tensor.
+
+    ``variant`` 0: 8-bit MONOCHROME2 ``.dcm``; 1: MONOCHROME1 (stored values inverted) with no extension;
+    2: 16-bit MONOCHROME2 ``.dcm`` scaled by 257, read over the full 16-bit range.
+    """
+    from PIL import Image
+
+    with Image.open(png) as image:
+        grey = np.asarray(image.convert("L"))
+    if variant == 0:
+        return write_dicom(target_dir / f"{png.stem}.dcm", grey)
+    if variant == 1:
+        return write_dicom(target_dir / png.stem, 255 - grey, "MONOCHROME1")
+    return write_dicom(target_dir / f"{png.stem}.dcm", grey.astype(np.uint16) * 257)
+
+
+@pytest.fixture(scope="session")
+def phantom_pngs(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny phantom dataset: 6 normal training, 3 normal and 3 lesion test PNGs of 64 px, with lesion masks."""
+    from anomalib_adfa.synthetic import make_phantom_dataset
+
+    return make_phantom_dataset(tmp_path_factory.mktemp("phantom_png"), 6, 3, 3, image_size=64, seed=0)
+
+
+@pytest.fixture(scope="session")
+def phantom_dicoms(phantom_pngs, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """DICOM copies of :func:`phantom_pngs` in the same layout (``train/good``, ``test/good``, ``test/lesion``),
+    cycling through the three :func:`dicom_copy` variants; the lesion masks stay PNG in ``ground_truth/lesion``.
+    """
+    pytest.importorskip("pydicom", reason="the dicom extra is not installed: pip install 'anomalib-adfa[dicom]'")
+    root = tmp_path_factory.mktemp("phantom_dicom")
+    for folder in (phantom_pngs.normal_dir, phantom_pngs.normal_test_dir, phantom_pngs.abnormal_dir):
+        target = root / folder.relative_to(phantom_pngs.root)
+        for index, png in enumerate(sorted(folder.glob("*.png"))):
+            dicom_copy(png, target, index % 3)
+    masks = root / phantom_pngs.mask_dir.relative_to(phantom_pngs.root)
+    masks.mkdir(parents=True)
+    for mask in phantom_pngs.mask_dir.glob("*.png"):
+        (masks / mask.name).write_bytes(mask.read_bytes())
+    return root
