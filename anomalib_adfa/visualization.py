@@ -38,7 +38,7 @@ def writable_name(path: str) -> str:
 
 
 def _as_read(item: ImageItem, options: ReadOptions | None) -> ImageItem:
-    """The item with its full-resolution image from our reader, and no path, so anomalib draws that image."""
+    """Copy the item with its full-resolution image from our reader and no path, so anomalib draws that image."""
     shown = copy.copy(item)
     shown.image = load_image(item.image_path, options)
     shown.image_path = None

@@ -147,15 +147,17 @@ def test_cli_trains_tests_and_predicts_on_a_dicom_folder(
     phantom_dicoms: Path, dicom_patient_name: str, tmp_path: Path
 ) -> None:
     model = [
-        "--model", "Adfa", "--model.backbone", "tf_efficientnet_lite0", "--model.layers", "[blocks.1, blocks.2, blocks.4]",
-        "--model.pre_trained", "false", "--model.image_size", "[40, 40]", "--model.center_crop_size", "[32, 32]",
+        "--model", "Adfa", "--model.backbone", "tf_efficientnet_lite0",
+        "--model.layers", "[blocks.1, blocks.2, blocks.4]", "--model.pre_trained", "false",
+        "--model.image_size", "[40, 40]", "--model.center_crop_size", "[32, 32]",
         "--model.visualizer", "anomalib_adfa.visualization.MedicalImageVisualizer",
     ]  # fmt: skip
     train = [
-        str(ANOMALIB), "train", *model, "--data", "anomalib_adfa.data.MedicalFolder", "--data.root", str(phantom_dicoms),
-        "--data.normal_dir", "train/good", "--data.normal_test_dir", "test/good", "--data.abnormal_dir", "test/lesion",
-        "--data.mask_dir", "ground_truth/lesion", "--data.window", "full", "--data.train_batch_size", "3",
-        "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false", "--default_root_dir", str(tmp_path / "train"),
+        str(ANOMALIB), "train", *model, "--data", "anomalib_adfa.data.MedicalFolder",
+        "--data.root", str(phantom_dicoms), "--data.normal_dir", "train/good", "--data.normal_test_dir", "test/good",
+        "--data.abnormal_dir", "test/lesion", "--data.mask_dir", "ground_truth/lesion", "--data.window", "full",
+        "--data.train_batch_size", "3", "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
+        "--default_root_dir", str(tmp_path / "train"),
     ]  # fmt: skip
     result = subprocess.run(train, capture_output=True, text=True, cwd=tmp_path, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
