@@ -60,6 +60,9 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--n-train", type=int, default=40, help="normal training images")
     demo.add_argument("--n-test", type=int, default=20, help="normal and lesion test images (each)")
     demo.add_argument("--overlays", type=int, default=6, help="heatmap overlays to write")
+    from anomalib_adfa.predict import add_arguments  # light module: no Lightning, no anomalib
+
+    add_arguments(commands.add_parser("predict", help="score images (DICOM too) with an exported OpenVINO/ONNX model"))
     return parser
 
 
@@ -210,6 +213,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = _build_parser()
     args = parser.parse_args(argv)
+    if args.command == "predict":
+        from anomalib_adfa.predict import run
+
+        return run(parser, args)
     _positive(parser, args)
     _quiet()
     auroc = run_demo(

@@ -37,10 +37,10 @@ from anomalib_adfa.data.base import DEFAULT_SEED, Assignment, MedicalDataModule,
 from anomalib_adfa.data.dicom import ReadOptions
 from anomalib_adfa.data.errors import DatasetLayoutError
 from anomalib_adfa.data.image import check_readable, load_image
-from anomalib_adfa.data.layout import DatasetLayout, ImageEntry, find_folder, is_ignored, is_image_file
+from anomalib_adfa.data.layout import DatasetLayout, ImageEntry, find_folder, find_image_files, is_image_file
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping
+    from collections.abc import Mapping
 
     from torchvision.transforms.v2 import Transform
 
@@ -196,32 +196,6 @@ class MedicalFolderDataset(MedicalDataset):
         ]
 
 
-def list_predict_files(paths: Iterable[str | Path]) -> list[Path]:
-    """Image files to predict on: each file given, and every image file below each folder given (sorted).
-
-    Raises:
-        DatasetLayoutError: When a path does not exist, or a folder holds no image file.
-    """
-    files: list[Path] = []
-    for path in map(Path, paths):
-        if path.is_file():
-            files.append(path)
-        elif path.is_dir():
-            found = sorted(
-                file
-                for file in path.rglob("*")
-                if is_image_file(file) and not any(is_ignored(part) for part in file.relative_to(path).parts)
-            )
-            if not found:
-                msg = f"no image files (DICOM, PNG, JPEG, BMP, TIFF) in '{path}'"
-                raise DatasetLayoutError(msg)
-            files.extend(found)
-        else:
-            msg = f"'{path}' does not exist"
-            raise DatasetLayoutError(msg)
-    return files
-
-
 class MedicalPredictDataset(AnomalibDataset):
     """Unlabelled images to score, read with :func:`~anomalib_adfa.data.image.load_image`.
 
@@ -245,7 +219,7 @@ class MedicalPredictDataset(AnomalibDataset):
     ) -> None:
         super().__init__(augmentations=augmentations)
         self.read_options = read_options or ReadOptions()
-        self.image_paths = list_predict_files(_as_list(paths))
+        self.image_paths = find_image_files(_as_list(paths))
         if check_images:
             check_readable(self.image_paths, self.read_options)
 

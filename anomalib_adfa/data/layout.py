@@ -15,9 +15,13 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from anomalib_adfa.data.dicom import is_dicom
 from anomalib_adfa.data.errors import DatasetLayoutError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
 
 logger = logging.getLogger(__name__)
 
@@ -222,3 +226,35 @@ def list_images(folder: Path, folder_name: str) -> list[ImageEntry]:
         orphans = sorted(path.name for group in masks.values() for *_, path in group)
         logger.warning("%s: ignoring %d mask file(s) with no image: %s", folder, len(orphans), ", ".join(orphans))
     return sorted(entries, key=lambda entry: (entry.key.casefold(), entry.key))
+
+
+def find_image_files(paths: Iterable[str | Path]) -> list[Path]:
+    """Image files to score: each file given, then every image file below each folder given (sorted).
+
+    Args:
+        paths: Files and folders; folders are searched recursively, skipping hidden and clutter entries.
+
+    Returns:
+        The files, in the order given.
+
+    Raises:
+        DatasetLayoutError: When a path does not exist, or a folder holds no image file.
+    """
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_file():
+            files.append(path)
+        elif path.is_dir():
+            found = sorted(
+                file
+                for file in path.rglob("*")
+                if is_image_file(file) and not any(is_ignored(part) for part in file.relative_to(path).parts)
+            )
+            if not found:
+                msg = f"no image files (DICOM, PNG, JPEG, BMP, TIFF) in '{path}'"
+                raise DatasetLayoutError(msg)
+            files.extend(found)
+        else:
+            msg = f"'{path}' does not exist"
+            raise DatasetLayoutError(msg)
+    return files
