@@ -88,6 +88,26 @@ def test_each_lut_step_matches_a_hand_computation(
         load_image(path, ReadOptions(window=2))
 
 
+@pytest.mark.parametrize(
+    ("function", "expected"),
+    [
+        ("LINEAR_EXACT", lambda x, c, w: np.clip((x - c) / w + 0.5, 0.0, 1.0)),
+        ("SIGMOID", lambda x, c, w: 1 / (1 + np.exp(-4 * (x - c) / w))),
+    ],
+)
+def test_other_voi_functions_follow_the_standard(
+    function: str,
+    expected: Callable[[np.ndarray, float, float], np.ndarray],
+    stored_12bit: np.ndarray,
+    dicom_writer: Callable[..., Path],
+    tmp_path: Path,
+) -> None:
+    path = dicom_writer(
+        tmp_path / "voi.dcm", stored_12bit, bits_stored=12, WindowCenter=2000, WindowWidth=1500, VOILUTFunction=function
+    )
+    np.testing.assert_allclose(grey_channel(path), expected(stored_12bit.astype(np.float64), 2000, 1500), atol=1e-6)
+
+
 def test_signed_pixels_and_no_window_use_the_full_modality_range(
     stored_12bit: np.ndarray, dicom_writer: Callable[..., Path], tmp_path: Path
 ) -> None:
