@@ -200,3 +200,24 @@ def test_cli_predict_subcommand_reports_bad_files_in_one_message(
     rows = list(csv.DictReader((tmp_path / "out" / "scores.csv").open(newline="")))
     assert [Path(row["image_path"]).name for row in rows] == [good.name]
     assert np.isfinite(float(rows[0]["pred_score"]))
+
+
+def test_read_options_reach_the_exported_model_predictor(
+    exported: dict[str, Path], phantom_pngs, dicom_writer, tmp_path: Path
+) -> None:
+    from PIL import Image
+
+    from anomalib_adfa.data import CorruptImageError, ReadOptions
+    from anomalib_adfa.predict import ExportedModel, predict
+
+    pngs = sorted(phantom_pngs.abnormal_dir.glob("*.png"))[:2]
+    frames = np.stack([np.asarray(Image.open(png).convert("L")) for png in pngs])
+    cine = dicom_writer(tmp_path / "cine.dcm", frames)
+    model = ExportedModel(exported["onnx"])
+    with pytest.raises(CorruptImageError, match=r"cine\.dcm: multi-frame image \(2 frames\)"):
+        predict(model, [cine])
+    (second_frame,) = predict(model, [cine], ReadOptions(frame=1), overlay_dir=tmp_path / "overlays")
+    (second_png,) = predict(model, [pngs[1]])
+    assert second_frame.score == pytest.approx(second_png.score, abs=1e-6)
+    np.testing.assert_allclose(second_frame.anomaly_map, second_png.anomaly_map, atol=1e-6)
+    assert [path.name for path in (tmp_path / "overlays").iterdir()] == ["cine.dcm.png"]
