@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from anomalib_adfa.data.dicom import ReadOptions
-from anomalib_adfa.data.image import check_readable, read_image_array
+from anomalib_adfa.data.image import check_options_apply, check_readable, read_image_array
 from anomalib_adfa.data.layout import find_image_files
 
 CSV_COLUMNS = ("image_path", "pred_score", "pred_label")
@@ -154,8 +154,9 @@ def predict(
     """Score images one by one (each at its own size); write overlays when ``overlay_dir`` is given.
 
     Every file is read-checked first, and all unreadable ones are reported at once
-    (:class:`~anomalib_adfa.data.errors.CorruptImageError`).
+    (:class:`~anomalib_adfa.data.errors.CorruptImageError`); DICOM options with no DICOM file are refused.
     """
+    check_options_apply(images, options)
     check_readable(images, options)
     predictions = []
     names: dict[str, int] = {}

@@ -263,10 +263,19 @@ def read_dicom(path: Path, options: ReadOptions | None = None) -> np.ndarray:
     if photometric in _MONOCHROME:
         image = _grey(dataset, stored, options)
     elif photometric == "PALETTE COLOR":
+        _refuse_window_options(photometric, options)
         image = _palette(dataset, stored)
     else:
+        _refuse_window_options(photometric, options)
         image = stored.astype(np.float64) / (2 ** int(dataset.BitsStored) - 1)
     return image.astype(np.float32)
+
+
+def _refuse_window_options(photometric: str, options: ReadOptions) -> None:
+    """Colour images have no VOI step: a window asked for would be ignored, so it is an error."""
+    if options.window_center is not None or options.window not in (0, "full"):
+        msg = f"{photometric} image: window options apply to grey-level (MONOCHROME1/2) images only"
+        raise DicomReadError(msg)
 
 
 def dicom_problem(path: Path, options: ReadOptions | None = None) -> str | None:

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 from anomalib_adfa.data.base import DEFAULT_SEED, Assignment, MedicalDataModule, MedicalDataset
 from anomalib_adfa.data.dicom import ReadOptions
 from anomalib_adfa.data.errors import DatasetLayoutError
-from anomalib_adfa.data.image import check_readable, load_image
+from anomalib_adfa.data.image import check_options_apply, check_readable, load_image
 from anomalib_adfa.data.layout import DatasetLayout, ImageEntry, find_folder, find_image_files, is_image_file
 
 if TYPE_CHECKING:
@@ -155,6 +155,7 @@ class MedicalFolderDataset(MedicalDataset):
         self.normal_split_ratio = normal_split_ratio
         self.read_options = read_options or ReadOptions()
         super().__init__(root=root, split=split, seed=seed, check_images=check_images, augmentations=augmentations)
+        check_options_apply([Path(path) for path in self.samples.image_path], self.read_options)
 
     def _required_folders(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(self.layout.folders))  # a folder given twice is listed once
@@ -220,6 +221,7 @@ class MedicalPredictDataset(AnomalibDataset):
         super().__init__(augmentations=augmentations)
         self.read_options = read_options or ReadOptions()
         self.image_paths = find_image_files(_as_list(paths))
+        check_options_apply(self.image_paths, self.read_options)
         if check_images:
             check_readable(self.image_paths, self.read_options)
 

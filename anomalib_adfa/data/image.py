@@ -200,6 +200,18 @@ def _mask_problems(masks: Mapping[Path, Sequence[Path]], unreadable: set[Path]) 
     return problems
 
 
+def check_options_apply(paths: Sequence[Path], options: ReadOptions | None) -> None:
+    """Refuse DICOM read options when no image is DICOM: they would change nothing, silently.
+
+    Raises:
+        ValueError: When ``options`` differ from the defaults and none of ``paths`` is a DICOM file.
+    """
+    if options is None or options == ReadOptions() or any(is_dicom(path) for path in paths):
+        return
+    msg = f"DICOM read options {options} were given but none of the {len(paths)} image(s) is DICOM"
+    raise ValueError(msg)
+
+
 def check_readable(
     paths: Iterable[Path],
     options: ReadOptions | None = None,

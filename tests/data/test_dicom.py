@@ -280,3 +280,34 @@ def test_read_options_are_checked() -> None:
         ReadOptions(window="first")
     with pytest.raises(ValueError, match="frame must be non-negative"):
         ReadOptions(frame=-1)
+
+
+def test_voi_lut_sequence_is_applied_and_scaled_by_its_bit_depth(
+    stored_12bit: np.ndarray, dicom_writer: Callable[..., Path], tmp_path: Path
+) -> None:
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    # A 10-bit gamma-like LUT over modality values 0 ... 4095 (first mapped value 0).
+    lut = np.round(1023 * np.sqrt(np.arange(4096) / 4095)).astype(np.uint16)
+    item = Dataset()
+    item.add_new("LUTDescriptor", "US", [4096, 0, 10])
+    item.add_new("LUTData", "US", lut.tolist())
+    path = dicom_writer(tmp_path / "lut.dcm", stored_12bit, bits_stored=12, VOILUTSequence=Sequence([item]))
+    np.testing.assert_allclose(grey_channel(path), lut[stored_12bit] / 1023, atol=1e-6)
+
+
+def test_window_options_on_colour_and_on_non_dicom_files_are_refused(
+    grey_slices: list[np.ndarray], dicom_writer: Callable[..., Path], tmp_path: Path
+) -> None:
+    from anomalib_adfa.data.image import check_options_apply
+
+    rgb = dicom_writer(tmp_path / "rgb.dcm", np.stack([grey_slices[0]] * 3, axis=-1), "RGB")
+    with pytest.raises(CorruptImageError, match=r"rgb\.dcm: RGB image: window options apply to grey-level"):
+        load_image(rgb, ReadOptions(window_center=40.0, window_width=400.0))
+    png = tmp_path / "plain.png"
+    Image.fromarray(grey_slices[0]).save(png)
+    with pytest.raises(ValueError, match=r"none of the 1 image\(s\) is DICOM"):
+        check_options_apply([png], ReadOptions(window="full"))
+    check_options_apply([png, rgb], ReadOptions(frame=0))  # applies to the DICOM file
+    check_options_apply([png], ReadOptions())

@@ -182,3 +182,8 @@ def test_cli_trains_tests_and_predicts_on_a_dicom_folder(
     for output in tmp_path.rglob("*"):
         if output.is_file():
             assert dicom_patient_name.encode() not in output.read_bytes(), output
+
+
+def test_dicom_options_on_a_folder_without_dicom_are_refused(phantom_pngs) -> None:
+    with pytest.raises(ValueError, match=r"none of the 12 image\(s\) is DICOM"):
+        MedicalFolder(root=phantom_pngs.root, window_center=40, window_width=400, **FOLDERS).setup()
