@@ -10,8 +10,10 @@ class DatasetLayoutError(ValueError):
 
 
 class CorruptImageError(ValueError):
-    """One or more image or mask files cannot be decoded (corrupt, truncated or not an image).
+    """One or more image or mask files cannot be used as they are.
 
-    The message lists every bad file with its path and the decoder's complaint, so that all of
-    them can be fixed or re-downloaded at once.
+    Corrupt, truncated or not an image; a DICOM file the reader cannot turn into an image (no pixel
+    data, no decoder installed, several frames without a choice...); or a mask whose size differs
+    from its image's. The message lists every bad file with its path and the problem, so that all of them can be
+    fixed or re-downloaded at once.
     """

@@ -234,6 +234,6 @@ def check_readable(
     lines = [f"  {path}: {problem}" for path, problem in problems]
     msg = (
         f"{len(problems)} image file(s) cannot be read (corrupt, truncated, not an image or not usable as "
-        "they are); fix or remove them before training:\n" + "\n".join(lines)
+        "they are); fix or remove them:\n" + "\n".join(lines)
     )
     raise CorruptImageError(msg)
