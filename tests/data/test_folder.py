@@ -187,3 +187,17 @@ def test_cli_trains_tests_and_predicts_on_a_dicom_folder(
 def test_dicom_options_on_a_folder_without_dicom_are_refused(phantom_pngs) -> None:
     with pytest.raises(ValueError, match=r"none of the 12 image\(s\) is DICOM"):
         MedicalFolder(root=phantom_pngs.root, window_center=40, window_width=400, **FOLDERS).setup()
+
+
+def test_config_and_cli_options_reach_the_reader(phantom_dicoms: Path) -> None:
+    from anomalib.data import AnomalibDataModule
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "data" / "medical_folder.yaml"
+    overrides = {"data.root": str(phantom_dicoms), "data.normal_dir": "train/good", "data.abnormal_dir": "test/lesion"}
+    datamodule = AnomalibDataModule.from_config(config, **overrides, **{"data.window": "full"})
+    assert type(datamodule) is MedicalFolder
+    assert datamodule.read_options == ReadOptions(window="full")
+    datamodule = AnomalibDataModule.from_config(
+        config, **overrides, **{"data.window_center": "40", "data.window_width": "400", "data.frame": "0"}
+    )
+    assert datamodule.read_options == ReadOptions(window_center=40.0, window_width=400.0, frame=0)
