@@ -146,7 +146,12 @@ def test_images(dataset_root: tuple[Path, dict[str, str]]) -> list[Path]:
     """Every test image, normal and abnormal."""
     root, folders = dataset_root
     folders_ = (folders["normal_test_dir"], folders["abnormal_dir"])
-    return sorted(path for folder in folders_ for path in (root / folder).iterdir() if path.suffix.lower() in {".png", ".jpg", ".jpeg"})
+    return sorted(
+        path
+        for folder in folders_
+        for path in (root / folder).iterdir()
+        if path.suffix.lower() in {".png", ".jpg", ".jpeg"}
+    )
 
 
 @pytest.fixture(scope="module")
