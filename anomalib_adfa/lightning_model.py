@@ -30,10 +30,10 @@ from torchvision.transforms.v2 import CenterCrop, Compose, Normalize, Resize
 
 from anomalib_adfa.backbones import backbone_normalization
 from anomalib_adfa.descriptor import PUBLIC_ATTENTION_KERNEL
-from anomalib_adfa.distances import DistanceMode
 from anomalib_adfa.export import install_export_guard
 from anomalib_adfa.feature_cache import FeatureCache, random_transform_reason
 from anomalib_adfa.loss import AdfaLoss
+from anomalib_adfa.patch_scoring import DistanceMode
 from anomalib_adfa.post_processing import RankPreservingPostProcessor
 from anomalib_adfa.soft_topk import TopKMode
 from anomalib_adfa.torch_model import AdfaModel

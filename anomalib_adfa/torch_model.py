@@ -19,8 +19,8 @@ from torch import nn
 from anomalib_adfa.anomaly_map import AnomalyMapGenerator
 from anomalib_adfa.backbones import create_feature_extractor
 from anomalib_adfa.descriptor import PUBLIC_ATTENTION_KERNEL, PatchDescriptor, pool_features
-from anomalib_adfa.distances import DistanceMode, PatchCenterDistance
-from anomalib_adfa.soft_topk import SoftTopK, TopKMode, nearest_center_scores
+from anomalib_adfa.patch_scoring import DistanceMode, PatchScorer
+from anomalib_adfa.soft_topk import TopKMode
 
 
 class CentersNotInitializedError(RuntimeError):
@@ -41,7 +41,7 @@ class AdfaModel(DynamicBufferMixin, nn.Module):
         num_nearest: ``K`` of the soft top-k.
         topk_mode: ``"reference"``, ``"sharp"`` or ``"hard"`` (see :mod:`anomalib_adfa.soft_topk`).
         ot_epsilon: Entropic regularisation of the soft top-k.
-        distance: Distance variant (see :class:`~anomalib_adfa.distances.PatchCenterDistance`).
+        distance: Distance variant (see :func:`~anomalib_adfa.patch_scoring.patch_scale`).
         score_sqrt: Take the square root of patch scores in the anomaly map (public code).
         sigma: Gaussian blur of the anomaly map, in input pixels.
     """
@@ -69,8 +69,7 @@ class AdfaModel(DynamicBufferMixin, nn.Module):
             msg = f"gamma_d must be in [1, {in_channels}] for {in_channels} backbone channels, got {gamma_d}"
             raise ValueError(msg)
         self.descriptor = PatchDescriptor(in_channels, in_channels // gamma_d, attention_eps, attention_kernel)
-        self.distance = PatchCenterDistance(distance)
-        self.topk = SoftTopK(num_nearest, topk_mode, ot_epsilon)
+        self.scorer = PatchScorer(num_nearest, topk_mode, ot_epsilon, distance)
         self.anomaly_map_generator = AnomalyMapGenerator(sigma=sigma, take_sqrt=score_sqrt)
         self.centers: torch.Tensor
         self.register_buffer("centers", torch.empty(0))
@@ -134,7 +133,7 @@ class AdfaModel(DynamicBufferMixin, nn.Module):
                 f"centre bank holds {self.centers.shape[0]} centres: use the input size the model was trained with"
             )
             raise ValueError(msg)
-        return nearest_center_scores(patches, self.centers, self.distance, self.topk)
+        return self.scorer(patches, self.centers)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor | InferenceBatch:
         """Score images.

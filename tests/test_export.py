@@ -28,9 +28,10 @@ from anomalib.deploy import TorchInferencer
 from anomalib.engine import Engine
 from torchvision.transforms.v2.functional import resize
 
-from anomalib_adfa import Adfa, soft_topk
+from anomalib_adfa import Adfa, patch_scoring
 from anomalib_adfa.callbacks import ScoreCSVWriter
 from anomalib_adfa.lightning_model import ONNX_OPSET_VERSION, IncompatibleCheckpointError
+from anomalib_adfa.patch_scoring import PatchScorer
 from anomalib_adfa.soft_topk import TOPK_MODES
 
 pytestmark = pytest.mark.slow
@@ -114,7 +115,7 @@ def test_exported_graph_matches_torch_in_every_topk_mode(
     mode: str, trained: tuple[Adfa, Path], datamodule: Folder, image_paths: list[Path], tmp_path: Path
 ) -> None:
     model = copy.deepcopy(trained[0])
-    model.model.topk.mode = mode
+    model.model.scorer = PatchScorer(topk_mode=mode)
     engine = Engine(accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
     engine.validate(model, datamodule=datamodule)  # normalisation and thresholds of this mode
     # A batch at a size the model was not trained with: the resize to 72 px is part of the graph.
@@ -280,7 +281,7 @@ def test_exported_chunked_scoring_takes_any_batch_size(
     trained: tuple[Adfa, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # At 224 px the patch scoring runs in several chunks; a small chunk budget makes this 64 px model do the same.
-    monkeypatch.setattr(soft_topk.nearest_center_scores, "__defaults__", (3000, None))
+    monkeypatch.setattr(patch_scoring.nearest_center_scores, "__defaults__", (3000, None))
     model = copy.deepcopy(trained[0]).eval()
     assert model.model.centers.shape[0] > 3000 // model.model.centers.shape[0]  # more than one chunk
     onnx_path = model.to_onnx(export_root=tmp_path, input_size=None)

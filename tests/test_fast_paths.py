@@ -10,18 +10,13 @@ from torchvision.transforms import v2
 
 from anomalib_adfa import Adfa
 from anomalib_adfa.descriptor import concatenate_scales, coordinate_channels
-from anomalib_adfa.distances import DISTANCE_MODES, PatchCenterDistance
 from anomalib_adfa.feature_cache import FeatureCache, random_transform_reason
-from anomalib_adfa.soft_topk import TOPK_MODES, SoftTopK, nearest_center_scores
+from anomalib_adfa.patch_scoring import DISTANCE_MODES, nearest_center_scores
+from anomalib_adfa.reference import plain_scores
+from anomalib_adfa.soft_topk import TOPK_MODES, TopKSettings
 from anomalib_adfa.torch_model import AdfaModel
 
 LITE0 = {"backbone": "tf_efficientnet_lite0", "layers": ("blocks.1", "blocks.2", "blocks.4"), "pre_trained": False}
-
-
-def plain_scores(patches: torch.Tensor, centers: torch.Tensor, distance: str, topk: SoftTopK) -> torch.Tensor:
-    """The unfused reference: full distance tensor, weights, weighted sum."""
-    distances = PatchCenterDistance(distance)(patches, centers)
-    return (topk(distances) * distances).sum(dim=-1)
 
 
 def adfa_like(batch: int, patches: int, channels: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, ...]:
@@ -45,10 +40,10 @@ def values_and_grads(scores: torch.Tensor, patches: torch.Tensor, upstream: torc
 @pytest.mark.parametrize("mode", TOPK_MODES)
 def test_fused_scores_match_plain_float64(mode: str, distance: str) -> None:
     patches, centers, upstream = adfa_like(3, 49, 12, torch.float64, seed=0)
-    topk = SoftTopK(3, mode, num_iterations=40)
+    topk = TopKSettings(3, mode, num_iterations=40)
     plain = values_and_grads(plain_scores(patches, centers, distance, topk), patches, upstream)
     # 500 elements per chunk: 3 patch rows of the 3 images, so 17 chunks with a short last one.
-    fused_scores = nearest_center_scores(patches, centers, PatchCenterDistance(distance), topk, chunk_elements=500)
+    fused_scores = nearest_center_scores(patches, centers, distance, topk, chunk_elements=500)
     fused = values_and_grads(fused_scores, patches, upstream)
     for ours, reference in zip(fused, plain, strict=True):
         torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-12)
@@ -57,11 +52,9 @@ def test_fused_scores_match_plain_float64(mode: str, distance: str) -> None:
 @pytest.mark.parametrize("mode", TOPK_MODES)
 def test_fused_scores_match_plain_float32_with_early_exit(mode: str) -> None:
     patches, centers, upstream = adfa_like(2, 196, 32, torch.float32, seed=1)
-    topk = SoftTopK(3, mode)
+    topk = TopKSettings(3, mode)
     plain = values_and_grads(plain_scores(patches, centers, "kl_weighted", topk), patches, upstream)
-    fused = values_and_grads(
-        nearest_center_scores(patches, centers, PatchCenterDistance("kl_weighted"), topk), patches, upstream
-    )
+    fused = values_and_grads(nearest_center_scores(patches, centers, "kl_weighted", topk), patches, upstream)
     for ours, reference in zip(fused, plain, strict=True):
         torch.testing.assert_close(ours, reference, rtol=2e-4, atol=1e-5 * reference.abs().max().item())
 
@@ -69,7 +62,7 @@ def test_fused_scores_match_plain_float32_with_early_exit(mode: str) -> None:
 @pytest.mark.parametrize("mode", TOPK_MODES)
 def test_chunked_equals_unchunked(mode: str) -> None:
     patches, centers, upstream = adfa_like(2, 36, 8, torch.float64, seed=2)
-    distance, topk = PatchCenterDistance("kl_weighted"), SoftTopK(3, mode, num_iterations=40)
+    distance, topk = "kl_weighted", TopKSettings(3, mode, num_iterations=40)
     row_by_row = values_and_grads(nearest_center_scores(patches, centers, distance, topk, 1), patches, upstream)
     whole = values_and_grads(nearest_center_scores(patches, centers, distance, topk, 10**9), patches, upstream)
     for ours, reference in zip(row_by_row, whole, strict=True):
@@ -80,7 +73,7 @@ def test_fused_scores_without_gradient_match_and_patch_on_its_centre() -> None:
     patches, centers, upstream = adfa_like(2, 25, 6, torch.float64, seed=3)
     with torch.no_grad():
         patches[0, 4] = centers[4]  # a zero distance: the clamp at 0 is active for rounding errors
-    topk, distance = SoftTopK(3, "reference", num_iterations=40), PatchCenterDistance("squared")
+    topk, distance = TopKSettings(3, "reference", num_iterations=40), "squared"
     plain = values_and_grads(plain_scores(patches, centers, "squared", topk), patches, upstream)
     fused = values_and_grads(nearest_center_scores(patches, centers, distance, topk, 50), patches, upstream)
     with torch.no_grad():
@@ -92,7 +85,7 @@ def test_fused_scores_without_gradient_match_and_patch_on_its_centre() -> None:
 def test_fused_scores_refuse_trainable_centres() -> None:
     patches, centers, _ = adfa_like(1, 9, 4, torch.float64, seed=4)
     with pytest.raises(ValueError, match="centre bank as constant"):
-        nearest_center_scores(patches, centers.requires_grad_(), PatchCenterDistance(), SoftTopK())
+        nearest_center_scores(patches, centers.requires_grad_(), "kl_weighted", TopKSettings())
 
 
 def test_decomposed_projection_equals_concatenated_projection() -> None:
@@ -121,7 +114,7 @@ def test_model_patch_scores_use_the_exact_loss(mode: str) -> None:
         model.set_centers(model.describe(features).mean(dim=0).flatten(1).T)
     descriptors = model.describe(features)
     patches = descriptors.flatten(2).transpose(1, 2)
-    expected = plain_scores(patches, model.centers, "kl_weighted", model.topk).mean()
+    expected = plain_scores(patches, model.centers, "kl_weighted", model.scorer.topk).mean()
     loss = model.patch_scores(descriptors).mean()
     parameters = list(model.descriptor.parameters())
     torch.testing.assert_close(loss, expected, rtol=1e-9, atol=0)

@@ -13,7 +13,8 @@ from anomalib_adfa.descriptor import (
     coordinate_channels,
     eca_kernel_size,
 )
-from anomalib_adfa.distances import PatchCenterDistance, kl_weight, squared_distances
+from anomalib_adfa.patch_scoring import kl_weight
+from anomalib_adfa.reference import plain_distances, squared_distances
 from anomalib_adfa.torch_model import CentersNotInitializedError
 
 LITE0 = {"backbone": "tf_efficientnet_lite0", "layers": ("blocks.1", "blocks.2", "blocks.4"), "pre_trained": False}
@@ -72,12 +73,12 @@ def test_distance_modes() -> None:
     patches, centers = torch.randn(2, 6, 5, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64)
     expected = torch.cdist(patches, centers.expand(2, -1, -1)).square()
     torch.testing.assert_close(squared_distances(patches, centers), expected)
-    torch.testing.assert_close(PatchCenterDistance("euclidean")(patches, centers), expected.sqrt(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(plain_distances(patches, centers, "euclidean"), expected.sqrt(), atol=1e-6, rtol=0)
     kl = F.kl_div(patches.log_softmax(-1), centers.softmax(-1).expand(2, -1, -1), reduction="none").sum(dim=(1, 2))
     torch.testing.assert_close(kl_weight(patches, centers).view(2), kl)
-    torch.testing.assert_close(PatchCenterDistance("kl_weighted")(patches, centers), expected * kl.view(2, 1, 1))
+    torch.testing.assert_close(plain_distances(patches, centers, "kl_weighted"), expected * kl.view(2, 1, 1))
     with pytest.raises(ValueError, match="distance must be one of"):
-        PatchCenterDistance("cosine")  # type: ignore[arg-type]
+        plain_distances(patches, centers, "cosine")  # type: ignore[arg-type]
 
 
 def test_scores_need_a_centre_bank_of_the_right_shape() -> None:
