@@ -32,7 +32,8 @@ class AdfaModel(DynamicBufferMixin, nn.Module):
 
     Args:
         backbone: timm model name of the frozen feature extractor.
-        layers: Backbone layers whose outputs are concatenated (largest map first).
+        layers: Backbone layers whose outputs are concatenated (largest map first); ``None``: the
+            stride-4/8/16 stages (:func:`~anomalib_adfa.backbones.stage_layers`; layer1-3 for WR50).
         pre_trained: Load ImageNet weights (from ``backbone_weights`` or timm's hub).
         backbone_weights: Optional local weights file for the backbone (offline use).
         gamma_d: Channel reduction ``D' = D // gamma_d``.
@@ -49,7 +50,7 @@ class AdfaModel(DynamicBufferMixin, nn.Module):
     def __init__(
         self,
         backbone: str = "wide_resnet50_2",
-        layers: Sequence[str] = ("layer1", "layer2", "layer3"),
+        layers: Sequence[str] | None = None,
         pre_trained: bool = True,
         backbone_weights: str | Path | None = None,
         gamma_d: int = 4,
@@ -135,18 +136,24 @@ class AdfaModel(DynamicBufferMixin, nn.Module):
             raise ValueError(msg)
         return self.scorer(patches, self.centers)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor | InferenceBatch:
-        """Score images.
+    def forward(
+        self, images: torch.Tensor, features: Sequence[torch.Tensor] | None = None
+    ) -> torch.Tensor | InferenceBatch:
+        """Score images: what training (through :class:`~anomalib_adfa.loss.AdfaLoss`) and inference both run.
 
         Args:
             images: Pre-processed images, shape ``(B, 3, H_in, W_in)``.
+            features: The images' frozen features (:meth:`extract_features`), e.g. from the training
+                feature cache; ``None`` computes them.
 
         Returns:
             In training mode, the patch scores ``(B, H*W)`` (the loss is their mean). In eval mode, an
             :class:`~anomalib.data.InferenceBatch` with ``pred_score`` ``(B,)`` (maximum of the map) and
             ``anomaly_map`` ``(B, 1, H_in, W_in)``.
         """
-        descriptors = self.describe(self.extract_features(images))
+        if features is None:
+            features = self.extract_features(images)
+        descriptors = self.describe(features)
         scores = self.patch_scores(descriptors)
         if self.training:
             return scores

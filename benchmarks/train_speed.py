@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from anomalib_adfa.backbones import LITE0_BACKBONE
+from anomalib_adfa.backbones import LITE0_BACKBONE, LITE0_LAYERS
 from anomalib_adfa.feature_cache import FeatureCache
 from anomalib_adfa.patch_scoring import CHUNK_ELEMENTS, PatchScorer, distance_operands, operand_distances
 from anomalib_adfa.reference import plain_distances, topk_weights
@@ -48,7 +48,7 @@ from anomalib_adfa.soft_topk import TOPK_MODES, TopKSettings
 from anomalib_adfa.torch_model import AdfaModel
 
 WR50 = ("wide_resnet50_2", ("layer1", "layer2", "layer3"))
-LITE0 = (LITE0_BACKBONE, ("blocks.1", "blocks.2", "blocks.4"))
+LITE0 = (LITE0_BACKBONE, LITE0_LAYERS)
 BRAINMRI_TRAIN_IMAGES = 58
 SINKHORN_ITERATIONS = 200
 EPSILON = 0.1
