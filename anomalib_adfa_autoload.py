@@ -35,6 +35,10 @@ class _ImportAfterLoader(importlib.abc.Loader):
         self.finder = finder
         self.trigger = trigger
 
+    def __getattr__(self, name: str):
+        # Everything else (get_code for ``python -m``, get_source, resource readers) is the real loader's.
+        return getattr(self.inner, name)
+
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
         return self.inner.create_module(spec)
 

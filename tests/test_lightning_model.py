@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.transforms import v2
 
 from anomalib_adfa import Adfa
+from anomalib_adfa.backbones import LITE0_LAYERS
 from anomalib_adfa.lightning_model import IncompatibleCheckpointError
 
 SMALL = {
@@ -179,3 +180,10 @@ def test_train_start_disables_the_cache_for_random_augmentations(
     assert model.feature_cache.enabled is cached
     assert ("RandomVerticalFlip" in caplog.text) is not cached
     assert (model.feature_cache.fingerprint == model._feature_fingerprint()) is cached
+
+
+def test_default_layers_are_the_stride_4_8_16_stages_and_saved_as_such() -> None:
+    model = Adfa(**SMALL)  # no layer list: tf_efficientnet_lite0's blocks.1/2/4
+    assert model.hparams.layers == LITE0_LAYERS
+    assert model.model.feature_extractor.layers == LITE0_LAYERS
+    assert Adfa(pre_trained=False).hparams.layers == ("layer1", "layer2", "layer3")  # WR50 as before
