@@ -1,10 +1,9 @@
 """ADFA (Attention-augmented Differentiable top-k Feature Adaptation) for anomalib.
 
-The classes load on first access (``from anomalib_adfa import Adfa``), so that light modules such as
-:mod:`anomalib_adfa.predict` (exported models) and the image reader do not pull in Lightning and the
-training stack. Importing :class:`Adfa` registers it as an :class:`~anomalib.models.AnomalibModule`
-subclass, so ``anomalib train --model Adfa`` and ``anomalib.models.get_model("adfa")`` find it; the
-installed autoload hook (``anomalib_adfa_autoload``) does that as soon as ``anomalib.models`` is imported.
+``anomalib train --model Adfa`` and ``anomalib.models.get_model("adfa")`` find :class:`Adfa` because the
+``anomalib_adfa_autoload`` hook imports :mod:`anomalib_adfa.lightning_model` right after ``anomalib.models``.
+The names below are imported on first use, so ``anomalib-adfa --help`` and the light submodules do not pay for
+torch, Lightning and anomalib.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ if TYPE_CHECKING:
     from anomalib_adfa.post_processing import RankPreservingPostProcessor
     from anomalib_adfa.torch_model import AdfaModel
 
-_HOMES = {
+_LAZY = {
     "Adfa": "anomalib_adfa.lightning_model",
     "AdfaModel": "anomalib_adfa.torch_model",
     "RankPreservingPostProcessor": "anomalib_adfa.post_processing",
@@ -28,10 +27,14 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
-    """Import a public class from its module on first access (PEP 562)."""
-    if name not in _HOMES:
+    """Import the public classes on first access."""
+    if name not in _LAZY:
         msg = f"module {__name__!r} has no attribute {name!r}"
         raise AttributeError(msg)
-    value = getattr(importlib.import_module(_HOMES[name]), name)
+    value = getattr(importlib.import_module(_LAZY[name]), name)
     globals()[name] = value
     return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

@@ -31,7 +31,6 @@ import numpy as np
 from PIL import Image
 
 from anomalib_adfa.data.dicom import ReadOptions
-from anomalib_adfa.data.image import check_options_apply, check_readable, read_image_array
 from anomalib_adfa.data.layout import find_image_files
 
 CSV_COLUMNS = ("image_path", "pred_score", "pred_label")
@@ -156,6 +155,9 @@ def predict(
     Every file is read-checked first, and all unreadable ones are reported at once
     (:class:`~anomalib_adfa.data.errors.CorruptImageError`); DICOM options with no DICOM file are refused.
     """
+    # The reader imports torch (its tensors); importing it here keeps ``anomalib-adfa --help`` instant.
+    from anomalib_adfa.data.image import check_options_apply, check_readable, read_image_array
+
     check_options_apply(images, options)
     check_readable(images, options)
     predictions = []

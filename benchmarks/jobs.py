@@ -30,7 +30,7 @@ from lightning import Callback, LightningModule, Trainer, seed_everything
 
 from anomalib_adfa import Adfa
 from anomalib_adfa.data import BUSI, BrainMRI, Covid, SIPaKMeD
-from anomalib_adfa.distances import kl_weight
+from anomalib_adfa.patch_scoring import kl_weight
 from benchmarks.metrics import auroc, best_f1, bootstrap_auroc_ci, pixel_auroc
 from benchmarks.models import UnsupportedModelError, build_model
 
