@@ -264,9 +264,11 @@ class MedicalBenchmarkJob(BenchmarkJob):
             return self._run_control()
         epochs = self.context.epochs[self.spec.model]
         recorder = _ScoreRecorder()
-        # adfa_recommended keeps the epoch with the best label-free validation quantity (synthetic protocol only).
+        # adfa_recommended keeps the epoch with the best label-free validation quantity; under the paper protocol the
+        # validation images are the test images, so it keeps the last epoch there.
         quantity = recommended_selection() if self.spec.model == "adfa_recommended" else None
-        selector = LabelFreeCheckpoint(quantity=quantity) if quantity and self.spec.protocol == "synthetic" else None
+        label_free = self.spec.protocol != "paper" and (quantity == "normal_score" or self.spec.protocol == "synthetic")
+        selector = LabelFreeCheckpoint(quantity=quantity) if quantity and label_free else None
         with tempfile.TemporaryDirectory() as temp_dir:
             engine = Engine(
                 accelerator=self.accelerator,
