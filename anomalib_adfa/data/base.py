@@ -339,11 +339,9 @@ class MedicalDataModule(AnomalibDataModule):
             super()._create_val_split()
         else:
             self.train_data, normal_val = self._hold_out_normals(self.train_data)
-            if self.val_split_mode == ValSplitMode.FROM_TRAIN:
-                self.val_data = normal_val
-            else:
-                with _seeded_global_rngs(self.seed):
-                    self.val_data = SyntheticAnomalyDataset.from_dataset(normal_val)
+            self.val_data = (
+                normal_val if self.val_split_mode == ValSplitMode.FROM_TRAIN else self._synthetic(normal_val)
+            )
             self.val_data.split = Split.VAL
         self.protocol = self._describe_protocol()
         summary = ", ".join(f"{key} {value}" for key, value in self.protocol.items())
@@ -381,6 +379,25 @@ class MedicalDataModule(AnomalibDataModule):
             )
             raise ValueError(msg)
         return dataset.subsample([keys[key] for key in kept]), dataset.subsample([keys[key] for key in held_out])
+
+    def _synthetic(self, normal_val: MedicalDataset) -> MedicalDataset:
+        """Build anomalib's synthetic validation set, loaded like every other split of this dataset.
+
+        ``SyntheticAnomalyDataset`` writes the corrupted half to a temporary folder that it deletes when it is
+        garbage-collected, so the returned dataset keeps it as ``synthetic_source``. Its items are read with the
+        dataset's own loader (EXIF orientation, 16-bit scaling), not anomalib's, so held-out normals score exactly
+        as the test normals would.
+        """
+        with _seeded_global_rngs(self.seed):
+            source = SyntheticAnomalyDataset.from_dataset(normal_val)
+        samples = source.samples.copy()
+        samples["mask_paths"] = [(path,) if path else () for path in samples.mask_path.fillna("")]
+        samples["mask_path"] = samples.mask_path.fillna("")
+        samples.attrs["task"] = TaskType.SEGMENTATION.value
+        val_data = normal_val.subsample([])
+        val_data.samples = samples.reset_index(drop=True)
+        val_data.synthetic_source = source
+        return val_data
 
     def _describe_protocol(self) -> dict[str, Any]:
         """Protocol in force and the image counts of each split (what :meth:`setup` prints)."""

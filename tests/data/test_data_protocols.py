@@ -11,7 +11,7 @@ import pytest
 from anomalib.data.utils import LabelName, ValSplitMode
 from PIL import Image
 
-from anomalib_adfa.data import BrainMRI
+from anomalib_adfa.data import BrainMRI, BrainMRIDataset
 from anomalib_adfa.data.base import PROTOCOL_FILE
 
 
@@ -63,6 +63,7 @@ def test_synthetic_turns_half_of_the_held_out_normals_into_anomalies(brainmri_la
     assert (samples.label_index == LabelName.ABNORMAL).sum() == 3
     assert (samples.label_index == LabelName.NORMAL).sum() == 3
     assert datamodule.protocol["val_abnormal"] == 3
+    assert isinstance(datamodule.val_data, BrainMRIDataset)  # read with the dataset's own loader
     item = datamodule.val_data[int(np.flatnonzero(samples.label_index == LabelName.ABNORMAL)[0])]
     assert item.gt_mask is not None  # anomalib's Perlin generator writes a mask per synthetic anomaly
     again = _setup(brainmri_layout, val_split_mode="synthetic").val_data
