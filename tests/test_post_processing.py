@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from anomalib.cli import AnomalibCLI
 from anomalib.data import ImageBatch
 
 from anomalib_adfa import SpecificityPostProcessor
@@ -107,3 +109,19 @@ def test_target_specificity_is_saved_with_the_checkpoint_config() -> None:
     restored = SpecificityPostProcessor()
     restored.load_checkpoint_config(post_processor.checkpoint_config())
     assert restored.target_specificity == 0.9
+
+
+def test_target_specificity_and_label_free_protocol_are_one_flag_each_on_the_cli(tmp_path: Path) -> None:
+    args = [
+        *("train", "--model", "Adfa", "--model.pre_trained", "false", "--model.backbone", "tf_efficientnet_lite0"),
+        *("--model.layers", "[blocks.1, blocks.2, blocks.4]"),
+        *("--model.post_processor", "anomalib_adfa.SpecificityPostProcessor"),
+        *("--model.post_processor.target_specificity", "0.9"),
+        *("--data", "anomalib_adfa.data.BrainMRI", "--data.root", str(tmp_path), "--data.val_split_mode", "synthetic"),
+        *("--trainer.callbacks+=anomalib_adfa.callbacks.LabelFreeCheckpoint", "--trainer.callbacks.quantity"),
+        *("normal_score", "--default_root_dir", str(tmp_path / "run")),
+    ]
+    cli = AnomalibCLI(args=args, run=False)
+    assert isinstance(cli.model.post_processor, SpecificityPostProcessor)
+    assert cli.model.post_processor.target_specificity == 0.9
+    assert cli.datamodule.val_split_mode.value == "synthetic"
