@@ -4,8 +4,14 @@ anomalib has no plugin entry point: its CLI resolves ``--model Adfa`` or ``--dat
 only among classes that are already imported. The one-line ``anomalib_adfa_autoload.pth``
 installed next to this module calls :func:`install` at interpreter start-up. That adds a
 finder which does nothing until ``anomalib.models`` is imported, then imports
-``anomalib_adfa`` and ``anomalib_adfa.data`` right after it, and removes itself. Processes
-that never import anomalib pay only for reading this file.
+``anomalib_adfa.lightning_model`` (which defines :class:`~anomalib_adfa.Adfa`; the package
+itself imports it lazily) and ``anomalib_adfa.data`` right after it, and removes itself.
+Processes that never import anomalib pay only for reading this file.
+
+When ``anomalib.models`` is first imported from inside an ``anomalib_adfa`` module (say
+``import anomalib_adfa.torch_model``), the plugin modules would import that half-initialised
+module back; the finder then waits until the outermost ``anomalib_adfa`` module has finished
+and imports them then.
 """
 
 from __future__ import annotations
@@ -17,14 +23,21 @@ import sys
 from types import ModuleType
 
 TRIGGER = "anomalib.models"
-PLUGIN_MODULES = ("anomalib_adfa", "anomalib_adfa.data")
+PACKAGE = "anomalib_adfa"
+PLUGIN_MODULES = ("anomalib_adfa.lightning_model", "anomalib_adfa.data")
 
 
 class _ImportAfterLoader(importlib.abc.Loader):
-    """Run the real loader of the trigger module, then import the plugin modules."""
+    """Run the real loader of a watched module, then import the plugin modules once that is safe."""
 
-    def __init__(self, inner: importlib.abc.Loader) -> None:
+    def __init__(self, inner: importlib.abc.Loader, finder: _AnomalibModelsFinder, trigger: bool) -> None:
         self.inner = inner
+        self.finder = finder
+        self.trigger = trigger
+
+    def __getattr__(self, name: str):
+        # Everything else (get_code for ``python -m``, get_source, resource readers) is the real loader's.
+        return getattr(self.inner, name)
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
         return self.inner.create_module(spec)
@@ -33,23 +46,49 @@ class _ImportAfterLoader(importlib.abc.Loader):
         # Give the module its real loader back before anything else can look at it.
         module.__spec__.loader = self.inner
         module.__loader__ = self.inner
-        self.inner.exec_module(module)
-        for name in PLUGIN_MODULES:
-            importlib.import_module(name)
+        finder = self.finder
+        if self.trigger:
+            self.inner.exec_module(module)
+            finder.triggered = True
+        else:
+            finder.depth += 1
+            try:
+                self.inner.exec_module(module)
+            finally:
+                finder.depth -= 1
+        if finder.triggered and finder.depth == 0:
+            finder.finish()
 
 
 class _AnomalibModelsFinder(importlib.abc.MetaPathFinder):
-    """One-shot finder that wraps the loader of ``anomalib.models``."""
+    """Finder that watches ``anomalib.models`` and, until the plugin is imported, the plugin's own modules."""
+
+    def __init__(self) -> None:
+        self.depth = 0  # anomalib_adfa modules being executed right now
+        self.triggered = False
 
     def find_spec(self, fullname: str, path, target=None) -> importlib.machinery.ModuleSpec | None:
-        if fullname != TRIGGER:
+        if fullname != TRIGGER and fullname.partition(".")[0] != PACKAGE:
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is None or spec.loader is None:
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
             return None
-        spec.loader = _ImportAfterLoader(spec.loader)
+        if spec.loader is None:
+            return spec
+        spec.loader = _ImportAfterLoader(spec.loader, self, trigger=fullname == TRIGGER)
         return spec
+
+    def finish(self) -> None:
+        """Stop watching and import the plugin modules."""
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        for name in PLUGIN_MODULES:
+            importlib.import_module(name)
 
 
 def install() -> None:

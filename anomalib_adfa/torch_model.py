@@ -19,8 +19,8 @@ from torch import nn
 from anomalib_adfa.anomaly_map import AnomalyMapGenerator
 from anomalib_adfa.backbones import create_feature_extractor
 from anomalib_adfa.descriptor import PUBLIC_ATTENTION_KERNEL, PatchDescriptor, pool_features
-from anomalib_adfa.distances import DistanceMode, PatchCenterDistance
-from anomalib_adfa.soft_topk import SoftTopK, TopKMode, nearest_center_scores
+from anomalib_adfa.patch_scoring import DistanceMode, PatchScorer
+from anomalib_adfa.soft_topk import TopKMode
 
 
 class CentersNotInitializedError(RuntimeError):
@@ -32,7 +32,8 @@ class AdfaModel(DynamicBufferMixin, nn.Module):
 
     Args:
         backbone: timm model name of the frozen feature extractor.
-        layers: Backbone layers whose outputs are concatenated (largest map first).
+        layers: Backbone layers whose outputs are concatenated (largest map first); ``None``: the
+            stride-4/8/16 stages (:func:`~anomalib_adfa.backbones.stage_layers`; layer1-3 for WR50).
         pre_trained: Load ImageNet weights (from ``backbone_weights`` or timm's hub).
         backbone_weights: Optional local weights file for the backbone (offline use).
         gamma_d: Channel reduction ``D' = D // gamma_d``.
@@ -41,7 +42,7 @@ class AdfaModel(DynamicBufferMixin, nn.Module):
         num_nearest: ``K`` of the soft top-k.
         topk_mode: ``"reference"``, ``"sharp"`` or ``"hard"`` (see :mod:`anomalib_adfa.soft_topk`).
         ot_epsilon: Entropic regularisation of the soft top-k.
-        distance: Distance variant (see :class:`~anomalib_adfa.distances.PatchCenterDistance`).
+        distance: Distance variant (see :func:`~anomalib_adfa.patch_scoring.patch_scale`).
         score_sqrt: Take the square root of patch scores in the anomaly map (public code).
         sigma: Gaussian blur of the anomaly map, in input pixels.
     """
@@ -49,7 +50,7 @@ class AdfaModel(DynamicBufferMixin, nn.Module):
     def __init__(
         self,
         backbone: str = "wide_resnet50_2",
-        layers: Sequence[str] = ("layer1", "layer2", "layer3"),
+        layers: Sequence[str] | None = None,
         pre_trained: bool = True,
         backbone_weights: str | Path | None = None,
         gamma_d: int = 4,
@@ -69,8 +70,7 @@ class AdfaModel(DynamicBufferMixin, nn.Module):
             msg = f"gamma_d must be in [1, {in_channels}] for {in_channels} backbone channels, got {gamma_d}"
             raise ValueError(msg)
         self.descriptor = PatchDescriptor(in_channels, in_channels // gamma_d, attention_eps, attention_kernel)
-        self.distance = PatchCenterDistance(distance)
-        self.topk = SoftTopK(num_nearest, topk_mode, ot_epsilon)
+        self.scorer = PatchScorer(num_nearest, topk_mode, ot_epsilon, distance)
         self.anomaly_map_generator = AnomalyMapGenerator(sigma=sigma, take_sqrt=score_sqrt)
         self.centers: torch.Tensor
         self.register_buffer("centers", torch.empty(0))
@@ -134,20 +134,26 @@ class AdfaModel(DynamicBufferMixin, nn.Module):
                 f"centre bank holds {self.centers.shape[0]} centres: use the input size the model was trained with"
             )
             raise ValueError(msg)
-        return nearest_center_scores(patches, self.centers, self.distance, self.topk)
+        return self.scorer(patches, self.centers)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor | InferenceBatch:
-        """Score images.
+    def forward(
+        self, images: torch.Tensor, features: Sequence[torch.Tensor] | None = None
+    ) -> torch.Tensor | InferenceBatch:
+        """Score images: what training (through :class:`~anomalib_adfa.loss.AdfaLoss`) and inference both run.
 
         Args:
             images: Pre-processed images, shape ``(B, 3, H_in, W_in)``.
+            features: The images' frozen features (:meth:`extract_features`), e.g. from the training
+                feature cache; ``None`` computes them.
 
         Returns:
             In training mode, the patch scores ``(B, H*W)`` (the loss is their mean). In eval mode, an
             :class:`~anomalib.data.InferenceBatch` with ``pred_score`` ``(B,)`` (maximum of the map) and
             ``anomaly_map`` ``(B, 1, H_in, W_in)``.
         """
-        descriptors = self.describe(self.extract_features(images))
+        if features is None:
+            features = self.extract_features(images)
+        descriptors = self.describe(features)
         scores = self.patch_scores(descriptors)
         if self.training:
             return scores

@@ -27,10 +27,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-BACKBONES = {
-    "lite0": ("tf_efficientnet_lite0", ("blocks.1", "blocks.2", "blocks.4")),
-    "wr50": ("wide_resnet50_2", ("layer1", "layer2", "layer3")),
-}
+# Both with ADFA's default layers, the stride-4/8/16 stages.
+BACKBONES = {"lite0": "tf_efficientnet_lite0", "wr50": "wide_resnet50_2"}
 
 
 def _parse() -> argparse.Namespace:
@@ -84,11 +82,10 @@ def _worker(args: argparse.Namespace, devices: int) -> None:
 
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // devices))
     seed_everything(0)
-    backbone, layers = BACKBONES[args.backbone]
+    backbone = BACKBONES[args.backbone]
     crop = args.image_size * 7 // 8
     model = Adfa(
         backbone=backbone,
-        layers=layers,
         pre_trained=False,
         image_size=(args.image_size, args.image_size),
         center_crop_size=(crop, crop),

@@ -30,10 +30,11 @@ import openvino as ov
 import torch
 
 from anomalib_adfa import Adfa
+from anomalib_adfa.backbones import LITE0_BACKBONE
 
 BACKBONES = {
-    "wr50": {"backbone": "wide_resnet50_2", "layers": ("layer1", "layer2", "layer3")},
-    "lite0": {"backbone": "tf_efficientnet_lite0", "layers": ("blocks.1", "blocks.2", "blocks.4")},
+    "wr50": {"backbone": "wide_resnet50_2"},
+    "lite0": {"backbone": LITE0_BACKBONE},
 }
 BATCH_SIZES = (1, 8)
 

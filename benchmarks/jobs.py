@@ -35,7 +35,7 @@ from lightning import Callback, LightningModule, Trainer, seed_everything
 from anomalib_adfa import Adfa
 from anomalib_adfa.callbacks import LabelFreeCheckpoint
 from anomalib_adfa.data import BUSI, BrainMRI, Covid, SIPaKMeD
-from anomalib_adfa.distances import kl_weight
+from anomalib_adfa.patch_scoring import kl_weight
 from benchmarks.metrics import auroc, best_f1, bootstrap_auroc_ci, operating_point, pixel_auroc
 from benchmarks.models import TARGET_SPECIFICITY, UnsupportedModelError, build_model, recommended_selection
 
@@ -318,7 +318,7 @@ class MedicalBenchmarkJob(BenchmarkJob):
         """Test sensitivity/specificity at the validation-normal threshold, CIs, calibration gap, threshold check."""
         val_scores = torch.cat(recorder.val_scores).numpy()
         val_normal = val_scores[torch.cat(recorder.val_labels).numpy() == 0]
-        point = operating_point(val_normal, labels, scores, TARGET_SPECIFICITY)
+        point = operating_point(val_normal, labels, scores, TARGET_SPECIFICITY, val_scores=val_scores)
         fitted = float(self.model.post_processor.image_threshold)
         return {
             "target_specificity": TARGET_SPECIFICITY,

@@ -13,7 +13,7 @@ import torch
 from scipy.stats import rankdata
 from torchmetrics.classification import BinaryAUROC
 
-from anomalib_adfa.post_processing import quantile_rank
+from anomalib_adfa.post_processing import RankPreservingPostProcessor, quantile_rank
 
 
 class Interval(NamedTuple):
@@ -164,6 +164,7 @@ def operating_point(
     num_samples: int = 2000,
     level: float = 0.95,
     seed: int = 0,
+    val_scores: np.ndarray | None = None,
 ) -> OperatingPoint:
     """Test sensitivity/specificity at the validation-normal quantile threshold, with percentile bootstrap CIs.
 
@@ -178,6 +179,9 @@ def operating_point(
         num_samples: Bootstrap replicates.
         level: Coverage of the intervals.
         seed: Seed of the resampling.
+        val_scores: All validation scores (normal and anomalous): when given, the threshold is moved into the gap
+            above the quantile as :class:`~anomalib_adfa.SpecificityPostProcessor` does (the bootstrap replicates
+            keep the plain quantile).
 
     Returns:
         The operating point.
@@ -192,6 +196,9 @@ def operating_point(
     rng = np.random.default_rng(seed)
     rank = quantile_rank(val_normal_scores.size, target_specificity)
     threshold = float(val_normal_scores[rank - 1])
+    if val_scores is not None:
+        gap = RankPreservingPostProcessor.threshold_in_gap
+        threshold = float(gap(torch.tensor(threshold), torch.as_tensor(np.asarray(val_scores)).float(), "above"))
     positive, negative = scores[labels == 1], scores[labels == 0]
     val_draws = np.sort(
         val_normal_scores[rng.integers(0, val_normal_scores.size, (num_samples, val_normal_scores.size))]

@@ -28,7 +28,7 @@ from anomalib.models.components import AnomalibModule
 from anomalib.pre_processing import PreProcessor
 
 from anomalib_adfa import Adfa, SpecificityPostProcessor
-from anomalib_adfa.backbones import LITE0_BACKBONE, load_state_dict_file
+from anomalib_adfa.backbones import LITE0_BACKBONE, LITE0_LAYERS, load_state_dict_file
 from anomalib_adfa.metrics import clinical_test_metrics
 
 MODEL_NAMES = ("adfa", "adfa_recommended", "padim", "stfpm", "reverse_distillation", "patchcore", "cfa")
@@ -77,7 +77,7 @@ DOCUMENTED_EPOCHS = {
 """Epochs of each model's documented configuration (anomalib's example configs; ADFA's public code; ours)."""
 
 # Stride-4/8/16 stages of each backbone, named as WR50's ``layer1``/``layer2``/``layer3`` that anomalib's defaults use.
-_STAGE_LAYERS = {LITE0_BACKBONE: {"layer1": "blocks.1", "layer2": "blocks.2", "layer3": "blocks.4"}}
+_STAGE_LAYERS = {LITE0_BACKBONE: dict(zip(("layer1", "layer2", "layer3"), LITE0_LAYERS, strict=True))}
 
 # PaDiM keeps a random subset of the concatenated channels; anomalib only documents the count for ResNets.
 _PADIM_LITE0_FEATURES = 100

@@ -40,14 +40,15 @@ from pathlib import Path
 
 import torch
 
-from anomalib_adfa.backbones import LITE0_BACKBONE
-from anomalib_adfa.distances import PatchCenterDistance, distance_operands, operand_distances
+from anomalib_adfa.backbones import LITE0_BACKBONE, LITE0_LAYERS
 from anomalib_adfa.feature_cache import FeatureCache
-from anomalib_adfa.soft_topk import CHUNK_ELEMENTS, TOPK_MODES, SoftTopK
+from anomalib_adfa.patch_scoring import CHUNK_ELEMENTS, PatchScorer, distance_operands, operand_distances
+from anomalib_adfa.reference import plain_distances, topk_weights
+from anomalib_adfa.soft_topk import TOPK_MODES, TopKSettings
 from anomalib_adfa.torch_model import AdfaModel
 
 WR50 = ("wide_resnet50_2", ("layer1", "layer2", "layer3"))
-LITE0 = (LITE0_BACKBONE, ("blocks.1", "blocks.2", "blocks.4"))
+LITE0 = (LITE0_BACKBONE, LITE0_LAYERS)
 BRAINMRI_TRAIN_IMAGES = 58
 SINKHORN_ITERATIONS = 200
 EPSILON = 0.1
@@ -132,15 +133,15 @@ def floor_step(model: AdfaModel, features: list[torch.Tensor], variant: str) -> 
     Variants: ``"floor"``: the 1x1 conv of the concatenated features (the issue's descriptor floor) and
     :class:`_MatmulDistances`; ``"floor_decomposed"``: the same with our per-layer projection at native
     resolution (the strictest floor); ``"floor_naive"``: concatenated conv and the plain autograd
-    distances of :class:`PatchCenterDistance` (full-size intermediate tensors, as a naive implementation).
+    distances of :func:`~anomalib_adfa.reference.plain_distances` (full-size intermediate tensors, as a naive
+    implementation).
     """
     describe = model.describe if variant == "floor_decomposed" else model.descriptor
-    naive = PatchCenterDistance("kl_weighted")
 
     def step() -> None:
         patches = describe(features).flatten(2).transpose(1, 2)
         total = (
-            naive(patches, model.centers).sum()
+            plain_distances(patches, model.centers, "kl_weighted").sum()
             if variant == "floor_naive"
             else _MatmulDistances.apply(patches, model.centers)
         )
@@ -242,16 +243,16 @@ def speed(arch: tuple[str, tuple[str, ...]], batch: int, repeats: int, sinkhorn_
     model.train()
     results: dict[str, float] = {}
     for mode in TOPK_MODES:
-        model.topk = SoftTopK(3, mode)
+        model.scorer = PatchScorer(3, mode)
         results[mode] = timed(functools.partial(our_step(model, cache), keys), repeats)
-    model.topk = SoftTopK(3, "reference")
+    model.scorer = PatchScorer(3, "reference")
     for variant in FLOORS:
         results[variant] = timed(floor_step(model, features, variant), repeats)
 
     # (b) on `sinkhorn_rows` patch rows of the first image, scaled to the batch's B*T rows.
     with torch.no_grad():
         patches = model.describe([feature[:1] for feature in features]).flatten(2).transpose(1, 2)
-        distances = PatchCenterDistance("kl_weighted")(patches, model.centers)[0]
+        distances = plain_distances(patches, model.centers, "kl_weighted")[0]
     rows = distances[:sinkhorn_rows]
     num_rows = batch * distances.shape[0]
     results["sinkhorn"] = timed(reference_step(rows, 3), 1) * num_rows / rows.shape[0]
@@ -262,7 +263,7 @@ def speed(arch: tuple[str, tuple[str, ...]], batch: int, repeats: int, sinkhorn_
     cost = torch.stack([rows.square(), (rows - 1.0).square()], dim=-1) / cost_scale
     with torch.no_grad():
         public_loss = (sinkhorn_topk(cost, 3) * rows).sum(dim=-1).mean().item()
-        ours = SoftTopK(3, "reference")(distances[None])[0, : rows.shape[0]]
+        ours = topk_weights(distances[None], TopKSettings(3, "reference"))[0, : rows.shape[0]]
         our_loss = (ours * rows).sum(dim=-1).mean().item()
         fused = model.patch_scores(patches.transpose(1, 2).unflatten(2, model_grid(model)))[0, : rows.shape[0]]
     results["loss_public"] = public_loss

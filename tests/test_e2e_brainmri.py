@@ -35,7 +35,6 @@ def test_adfa_detects_brain_tumours(brainmri_root: Path, tmp_path: Path) -> None
     datamodule = BrainMRI(root=brainmri_root, seed=1024, train_batch_size=10, eval_batch_size=10, num_workers=0)
     model = Adfa(
         backbone="tf_efficientnet_lite0",
-        layers=("blocks.1", "blocks.2", "blocks.4"),
         backbone_weights=efficientnet_lite0_weights(),
         topk_mode="hard",
         image_size=(146, 146),

@@ -29,9 +29,10 @@ from anomalib.deploy import TorchInferencer
 from anomalib.engine import Engine
 from torchvision.transforms.v2.functional import resize
 
-from anomalib_adfa import Adfa, soft_topk
+from anomalib_adfa import Adfa, patch_scoring
 from anomalib_adfa.callbacks import ScoreCSVWriter
 from anomalib_adfa.export import ONNX_OPSET_VERSION, PRECISION_ATTRIBUTE
+from anomalib_adfa.patch_scoring import PatchScorer
 from anomalib_adfa.soft_topk import TOPK_MODES
 from anomalib_adfa.synthetic import ABNORMAL_DIR, NORMAL_DIR, NORMAL_TEST_DIR, make_phantom_dataset
 
@@ -146,7 +147,12 @@ def test_images(dataset_root: tuple[Path, dict[str, str]]) -> list[Path]:
     """Every test image, normal and abnormal."""
     root, folders = dataset_root
     folders_ = (folders["normal_test_dir"], folders["abnormal_dir"])
-    return sorted(path for folder in folders_ for path in (root / folder).iterdir() if path.suffix.lower() in {".png", ".jpg", ".jpeg"})
+    return sorted(
+        path
+        for folder in folders_
+        for path in (root / folder).iterdir()
+        if path.suffix.lower() in {".png", ".jpg", ".jpeg"}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +188,7 @@ def test_default_consumers_give_torch_labels_on_every_test_image(
     mode: str, trained: tuple[Adfa, Path], datamodule: Folder, test_images: list[Path], tmp_path: Path
 ) -> None:
     model = copy.deepcopy(trained[0])
-    model.model.topk.mode = mode
+    model.model.scorer = PatchScorer(topk_mode=mode)
     engine = Engine(accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
     engine.validate(model, datamodule=datamodule)  # normalisation and thresholds of this mode
     expected = _torch_predictions(model.eval(), test_images)
@@ -357,7 +363,7 @@ def test_exported_chunked_scoring_takes_any_batch_size(
     trained: tuple[Adfa, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # At 224 px the patch scoring runs in several chunks; a small chunk budget makes this 64 px model do the same.
-    monkeypatch.setattr(soft_topk.nearest_center_scores, "__defaults__", (3000, None))
+    monkeypatch.setattr(patch_scoring.nearest_center_scores, "__defaults__", (3000, None))
     model = copy.deepcopy(trained[0]).eval()
     assert model.model.centers.shape[0] > 3000 // model.model.centers.shape[0]  # more than one chunk
     onnx_path = model.to_onnx(export_root=tmp_path, input_size=None)

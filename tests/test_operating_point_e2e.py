@@ -23,6 +23,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from anomalib_adfa import Adfa
 from anomalib_adfa.backbones import LITE0_BACKBONE, efficientnet_lite0_weights
 from anomalib_adfa.callbacks import LabelFreeCheckpoint, ScoreCSVWriter
+from anomalib_adfa.post_processing import RankPreservingPostProcessor
 from anomalib_adfa.synthetic import ABNORMAL_DIR, MASK_DIR, NORMAL_DIR, NORMAL_TEST_DIR, make_phantom_dataset
 from benchmarks.metrics import operating_point
 
@@ -115,8 +116,12 @@ def test_threshold_is_the_quantile_of_the_held_out_normals(run: dict[str, object
     scores, labels = _split(run["raw"].rows["validate"])
     assert (labels == 0).sum() == 15
     assert (labels == 1).sum() == 15  # anomalib's synthetic anomalies
-    threshold = float(run["model"].post_processor.image_threshold)
-    assert threshold == pytest.approx(np.quantile(scores[labels == 0], TARGET, method="inverted_cdf"), rel=1e-6)
+    threshold = run["model"].post_processor.image_threshold
+    quantile = np.quantile(scores[labels == 0], TARGET, method="inverted_cdf")
+    # The quantile, moved into the gap above it: every validation image keeps the quantile's label.
+    expected = RankPreservingPostProcessor.threshold_in_gap(torch.tensor(quantile), torch.tensor(scores), "above")
+    assert float(threshold) == pytest.approx(float(expected), rel=1e-6)
+    assert np.array_equal(scores > float(threshold), scores > quantile)
 
 
 def test_printed_test_specificity_is_the_validation_thresholds_and_near_the_target(run: dict[str, object]) -> None:
@@ -126,7 +131,7 @@ def test_printed_test_specificity_is_the_validation_thresholds_and_near_the_targ
     metrics = run["metrics"]
     assert metrics["image_Specificity"] == pytest.approx((scores[labels == 0] <= threshold).mean(), abs=1e-6)
     assert metrics["image_Sensitivity"] == pytest.approx((scores[labels == 1] > threshold).mean(), abs=1e-6)
-    point = operating_point(val_scores[val_labels == 0], labels, scores, TARGET)
+    point = operating_point(val_scores[val_labels == 0], labels, scores, TARGET, val_scores=val_scores)
     assert point.threshold == pytest.approx(threshold, rel=1e-6)
     assert point.specificity_ci.low <= TARGET <= point.specificity_ci.high
     assert {"image_PPV", "image_NPV", "image_BalancedAccuracy", "image_AUPR", "image_Sensitivity_at_Spec95"} <= set(

@@ -1,4 +1,4 @@
-"""Operating points at a target specificity: the quantile rule, the post-processor, and bad input."""
+"""Post-processors: thresholds moved into the gap next to the fitted score; operating points at a target specificity."""
 
 from __future__ import annotations
 
@@ -12,7 +12,50 @@ from anomalib.cli import AnomalibCLI
 from anomalib.data import ImageBatch
 
 from anomalib_adfa import SpecificityPostProcessor
-from anomalib_adfa.post_processing import normal_quantile_threshold, quantile_rank
+from anomalib_adfa.post_processing import RankPreservingPostProcessor, normal_quantile_threshold, quantile_rank
+
+gap = RankPreservingPostProcessor.threshold_in_gap
+SCORES = torch.tensor([0.1, 0.4, 0.2, 0.9, 0.5])
+
+
+def test_below_labels_the_threshold_score_anomalous_as_the_f1_curve_does() -> None:
+    moved = gap(torch.tensor(0.4), SCORES, "below")
+    torch.testing.assert_close(moved, torch.tensor(0.3))
+    assert torch.equal(moved < SCORES, SCORES >= 0.4)
+
+
+def test_above_labels_the_threshold_score_normal() -> None:
+    moved = gap(torch.tensor(0.4), SCORES, "above")
+    torch.testing.assert_close(moved, torch.tensor(0.45))
+    assert torch.equal(moved < SCORES, SCORES > 0.4)
+
+
+@pytest.mark.parametrize(("threshold", "side"), [(0.1, "below"), (0.9, "above")])
+def test_threshold_with_no_neighbour_stays(threshold: float, side: str) -> None:
+    assert gap(torch.tensor(threshold), SCORES, side) == torch.tensor(threshold)
+
+
+def test_adjacent_floats_keep_the_threshold() -> None:
+    high = torch.tensor(1.0)
+    low = torch.nextafter(high, torch.tensor(0.0))
+    assert gap(high, torch.stack([low, high]), "below") == high
+
+
+def test_validation_epoch_end_puts_the_threshold_between_scores() -> None:
+    processor = RankPreservingPostProcessor()
+    scores = torch.tensor([0.1, 0.2, 0.3, 0.8, 0.9, 1.0])
+    batch = ImageBatch(
+        image=torch.zeros(6, 3, 8, 8),
+        gt_label=torch.tensor([0, 0, 0, 1, 1, 1]),
+        pred_score=scores,
+        anomaly_map=scores.view(6, 1, 1, 1).expand(6, 1, 8, 8).clone(),
+    )
+    processor.on_validation_batch_end(None, None, batch)
+    processor.on_validation_epoch_end(None, None)
+    # anomalib's F1 threshold is the score 0.8, which its `score > threshold` would label normal.
+    threshold = processor.image_threshold
+    assert not torch.isin(threshold, scores)
+    assert torch.equal(scores > threshold, batch.gt_label.bool())
 
 
 def _fit(post_processor: SpecificityPostProcessor, scores: torch.Tensor, labels: torch.Tensor, maps=None) -> None:
@@ -47,7 +90,8 @@ def test_threshold_on_scores_with_known_quantiles() -> None:
 def test_a_score_equal_to_the_threshold_is_normal() -> None:
     post_processor = SpecificityPostProcessor(target_specificity=0.95)
     _fit(post_processor, torch.arange(1.0, 101.0), torch.zeros(100, dtype=torch.long))
-    assert float(post_processor.image_threshold) == 95.0
+    # The quantile is 95; the threshold sits in the gap above it, so 95 stays normal by a margin.
+    assert float(post_processor.image_threshold) == 95.5
     out = post_processor(ImageBatch(image=torch.zeros(3, 3, 4, 4), pred_score=torch.tensor([94.0, 95.0, 96.0])))
     assert out.pred_label.tolist() == [False, False, True]
     assert post_processor.image_threshold_stats == {"normal_count": 100, "val_specificity": 0.95}
@@ -58,8 +102,8 @@ def test_threshold_comes_from_the_normals_only_and_keeps_the_ranking() -> None:
     post_processor = SpecificityPostProcessor(target_specificity=0.9)
     scores = torch.cat([normal, torch.tensor([0.5, 50.0, 500.0])])  # abnormal images, one below every normal
     _fit(post_processor, scores, torch.tensor([0] * 20 + [1] * 3))
-    assert float(post_processor.image_threshold) == 18.0
-    test_scores = torch.tensor([0.0, 17.9, 18.0, 18.1, 400.0, 5000.0])
+    assert float(post_processor.image_threshold) == 18.5  # quantile 18, moved into the gap below 19
+    test_scores = torch.tensor([0.0, 17.9, 18.0, 18.6, 400.0, 5000.0])
     out = post_processor(ImageBatch(image=torch.zeros(6, 3, 4, 4), pred_score=test_scores.clone()))
     assert out.pred_label.tolist() == [False, False, False, True, True, True]
     assert torch.all(out.pred_score.diff() > 0)  # strictly increasing, so every AUROC is the raw one
@@ -97,7 +141,7 @@ def test_too_few_normals_warn_with_the_achievable_resolution(caplog: pytest.LogC
     assert "Only 12 normal validation images" in caplog.text
     assert "1/12 = 0.083" in caplog.text
     assert "at least 100" in caplog.text
-    assert float(post_processor.image_threshold) == 11.0  # the largest normal
+    assert float(post_processor.image_threshold) == 11.0  # the largest normal: no score above to move towards
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         _fit(SpecificityPostProcessor(target_specificity=0.9), torch.arange(12.0), torch.zeros(12, dtype=torch.long))

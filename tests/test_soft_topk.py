@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from anomalib_adfa.soft_topk import SoftTopK, hard_topk, selection_logits, soft_topk, solve_threshold
+from anomalib_adfa.reference import hard_topk, selection_logits, soft_topk, solve_threshold, topk_weights
+from anomalib_adfa.soft_topk import TopKSettings
 
 
 def sinkhorn_plan(cost: torch.Tensor, k: int, epsilon: float, iterations: int = 5000) -> torch.Tensor:
@@ -42,7 +43,7 @@ def test_matches_independent_sinkhorn(seed: int) -> None:
     weights = soft_topk(((cost[:, 1] - cost[:, 0]) / epsilon)[None], k, num_iterations=50)[0]
     torch.testing.assert_close(weights, n * plan[:, 0], rtol=0, atol=1e-6)
     # The same weights through ADFA's entry point (per-image cost normalisation).
-    adfa_weights = SoftTopK(k, "reference", epsilon, num_iterations=50)(distances.view(1, 1, n))
+    adfa_weights = topk_weights(distances.view(1, 1, n), TopKSettings(k, "reference", epsilon, num_iterations=50))
     torch.testing.assert_close(adfa_weights.view(n), n * plan[:, 0], rtol=0, atol=1e-6)
 
 
@@ -84,7 +85,7 @@ def test_gradcheck_through_adfa_modes(mode: str) -> None:
     assert torch.autograd.gradcheck(weighted_distances, (d0.clone().requires_grad_(),))
     # The operator itself gives the same gradient as this frozen-scale function.
     d = d0.clone().requires_grad_()
-    (SoftTopK(3, mode, 0.1, num_iterations=60)(d) * d).sum().backward()
+    (topk_weights(d, TopKSettings(3, mode, 0.1, num_iterations=60)) * d).sum().backward()
     expected = d0.clone().requires_grad_()
     weighted_distances(expected).sum().backward()
     torch.testing.assert_close(d.grad, expected.grad)
@@ -94,16 +95,16 @@ def test_image_scores_do_not_depend_on_batch_mates() -> None:
     generator = torch.Generator().manual_seed(3)
     distances = torch.rand(5, 8, 64, generator=generator) * torch.tensor([1.0, 50.0, 0.1, 7.0, 1000.0]).view(5, 1, 1)
     for mode in ("reference", "sharp", "hard"):
-        operator = SoftTopK(3, mode)
-        batched = (operator(distances) * distances).sum(-1)
-        alone = torch.cat([(operator(d[None]) * d[None]).sum(-1) for d in distances])
+        topk = TopKSettings(3, mode)
+        batched = (topk_weights(distances, topk) * distances).sum(-1)
+        alone = torch.cat([(topk_weights(d[None], topk) * d[None]).sum(-1) for d in distances])
         torch.testing.assert_close(batched, alone, rtol=1e-6, atol=0)
 
 
 def test_sharp_mode_concentrates_on_the_k_nearest() -> None:
     n, k = 3136, 3
     distances = torch.randperm(n).float().view(1, 1, n) * 2.0 + 10.0
-    weights = SoftTopK(k, "sharp")(distances)[0, 0]
+    weights = topk_weights(distances, TopKSettings(k, "sharp"))[0, 0]
     nearest = distances[0, 0].topk(k, largest=False).indices
     assert weights[nearest].sum() / k >= 0.95
 
@@ -112,19 +113,19 @@ def test_reference_mode_is_nearly_uniform_on_large_distances() -> None:
     # The published normalisation divides by the image's largest squared distance: a finding we keep.
     n, k = 3136, 3
     distances = 100.0 + torch.rand(1, 4, n) * 20.0
-    weights = SoftTopK(k, "reference")(distances)
+    weights = topk_weights(distances, TopKSettings(k, "reference"))
     assert torch.allclose(weights, torch.full_like(weights, k / n), rtol=0.1)
 
 
 def test_hard_mode_selects_exactly_the_k_smallest() -> None:
     distances = torch.tensor([[[5.0, 1.0, 3.0, 0.5, 9.0]]])
     torch.testing.assert_close(hard_topk(distances, 2), torch.tensor([[[0.0, 1.0, 0.0, 1.0, 0.0]]]))
-    assert SoftTopK(2, "hard")(distances).sum() == 2
+    assert topk_weights(distances, TopKSettings(2, "hard")).sum() == 2
 
 
 def test_invalid_arguments_are_reported() -> None:
     with pytest.raises(ValueError, match="topk_mode"):
-        SoftTopK(3, "soft")  # type: ignore[arg-type]
+        TopKSettings(3, "soft")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="0 < k < n"):
         solve_threshold(torch.zeros(1, 3), 3)
     with pytest.raises(ValueError, match="no soft form"):

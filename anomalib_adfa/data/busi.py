@@ -25,7 +25,7 @@ from __future__ import annotations
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any, Literal
 
-from anomalib.data.utils import Split
+from anomalib.data.utils import Split, ValSplitMode
 
 from anomalib_adfa.data.base import DEFAULT_SEED, Assignment, MedicalDataModule, MedicalDataset
 from anomalib_adfa.data.layout import DatasetLayout
@@ -106,7 +106,18 @@ class BUSI(MedicalDataModule):
         root: The unzipped download (``Dataset_BUSI_with_GT/``), or the folder that contains it.
         abnormal: ``"paper"`` (default): a seeded 496 of the 647 benign and malignant images test;
             ``"all"``: all 647 do.
-        **kwargs: The other arguments of :class:`~anomalib_adfa.data.base.MedicalDataModule`.
+        seed: Seed of the train/test split (the paper's first seed by default).
+        check_images: Decode-check every image and mask file at setup.
+        train_batch_size: Batch size of the train dataloader.
+        eval_batch_size: Batch size of the validation and test dataloaders.
+        num_workers: Dataloader worker processes (``0``: load in the main process).
+        train_augmentations: Augmentations of training images.
+        val_augmentations: Augmentations of validation images.
+        test_augmentations: Augmentations of test images.
+        augmentations: Augmentations of any split without its own.
+        val_split_mode: Where the validation set comes from (see
+            :class:`~anomalib_adfa.data.base.MedicalDataModule`; not ``from_dir``).
+        val_split_ratio: Fraction used by the ``from_test``, ``from_train`` and ``synthetic`` modes.
 
     Example:
         >>> datamodule = BUSI(root="~/data/Dataset_BUSI_with_GT")
@@ -117,8 +128,36 @@ class BUSI(MedicalDataModule):
 
     dataset_class = BUSIDataset
 
-    def __init__(self, root: str | Path, abnormal: Literal["paper", "all"] = "paper", **kwargs: Any) -> None:
-        super().__init__(root=root, **kwargs)
+    def __init__(
+        self,
+        root: str | Path,
+        abnormal: Literal["paper", "all"] = "paper",
+        seed: int = DEFAULT_SEED,
+        check_images: bool = True,
+        train_batch_size: int = 32,
+        eval_batch_size: int = 32,
+        num_workers: int = 0,
+        train_augmentations: Transform | None = None,
+        val_augmentations: Transform | None = None,
+        test_augmentations: Transform | None = None,
+        augmentations: Transform | None = None,
+        val_split_mode: ValSplitMode | str = ValSplitMode.SAME_AS_TEST,
+        val_split_ratio: float = 0.5,
+    ) -> None:
+        super().__init__(
+            root=root,
+            seed=seed,
+            check_images=check_images,
+            train_batch_size=train_batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            train_augmentations=train_augmentations,
+            val_augmentations=val_augmentations,
+            test_augmentations=test_augmentations,
+            augmentations=augmentations,
+            val_split_mode=val_split_mode,
+            val_split_ratio=val_split_ratio,
+        )
         self.abnormal = abnormal
 
     def _dataset_options(self) -> dict[str, Any]:

@@ -1,6 +1,7 @@
-"""ADFA inside anomalib: centre initialisation, feature cache, checkpoints, CLI and autoload."""
+"""ADFA inside anomalib: centre initialisation, feature cache, checkpoints, training by the CLI."""
 
 import copy
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -13,17 +14,20 @@ from anomalib.data import Folder
 from anomalib.engine import Engine
 from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler
+from torchvision.transforms import v2
 
 from anomalib_adfa import Adfa
+from anomalib_adfa.backbones import LITE0_LAYERS
 from anomalib_adfa.checkpoint import IncompatibleCheckpointError
 
 SMALL = {
     "backbone": "tf_efficientnet_lite0",
-    "layers": ("blocks.1", "blocks.2", "blocks.4"),
     "pre_trained": False,
     "image_size": (40, 40),
     "center_crop_size": (32, 32),
 }
+
+
 ANOMALIB = Path(sys.executable).with_name("anomalib")
 
 
@@ -135,16 +139,6 @@ def test_checkpoint_from_another_configuration_is_refused(trained, folder_root: 
         _engine(tmp_path).test(other, datamodule=_datamodule(folder_root), ckpt_path=checkpoint)
 
 
-def test_plugin_is_imported_with_anomalib_models_only() -> None:
-    probe = "import sys, {}; print('anomalib_adfa' in sys.modules)"
-    with_anomalib = subprocess.run(
-        [sys.executable, "-c", probe.format("anomalib.models")], capture_output=True, text=True, check=True
-    )
-    without = subprocess.run([sys.executable, "-c", probe.format("json")], capture_output=True, text=True, check=True)
-    assert with_anomalib.stdout.strip() == "True"
-    assert without.stdout.strip() == "False"
-
-
 def test_anomalib_cli_trains_adfa_by_its_bare_name(folder_root: Path, tmp_path: Path) -> None:
     command = [
         str(ANOMALIB), "train", "--model", "Adfa",
@@ -159,3 +153,37 @@ def test_anomalib_cli_trains_adfa_by_its_bare_name(folder_root: Path, tmp_path: 
     assert result.returncode == 0, result.stderr[-3000:]
     assert "image_AUROC" in result.stdout
     assert list(tmp_path.rglob("*.ckpt")), "no checkpoint written"
+
+
+def small_adfa(**kwargs: object) -> Adfa:
+    return Adfa(**{**SMALL, "image_size": (72, 72), "center_crop_size": (64, 64), **kwargs})
+
+
+def test_fingerprint_tracks_backbone_layers_and_pre_processing() -> None:
+    reference = small_adfa()._feature_fingerprint()
+    assert small_adfa()._feature_fingerprint() == reference
+    assert small_adfa(image_size=(80, 80))._feature_fingerprint() != reference
+    assert small_adfa(input_normalization="imagenet")._feature_fingerprint() != reference
+    assert small_adfa(layers=("blocks.1", "blocks.2", "blocks.6"))._feature_fingerprint() != reference
+
+
+@pytest.mark.parametrize(("augmentations", "cached"), [(v2.Resize((64, 64)), True), (v2.RandomVerticalFlip(), False)])
+def test_train_start_disables_the_cache_for_random_augmentations(
+    augmentations: v2.Transform, cached: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = small_adfa()
+    model.model.set_centers(torch.zeros(64, model.model.descriptor_channels))  # skip the centre pass
+    dataset = SimpleNamespace(augmentations=augmentations)
+    model.trainer = SimpleNamespace(train_dataloader=SimpleNamespace(dataset=dataset))
+    with caplog.at_level(logging.WARNING):
+        model.on_train_start()
+    assert model.feature_cache.enabled is cached
+    assert ("RandomVerticalFlip" in caplog.text) is not cached
+    assert (model.feature_cache.fingerprint == model._feature_fingerprint()) is cached
+
+
+def test_default_layers_are_the_stride_4_8_16_stages_and_saved_as_such() -> None:
+    model = Adfa(**SMALL)  # no layer list: tf_efficientnet_lite0's blocks.1/2/4
+    assert model.hparams.layers == LITE0_LAYERS
+    assert model.model.feature_extractor.layers == LITE0_LAYERS
+    assert Adfa(pre_trained=False).hparams.layers == ("layer1", "layer2", "layer3")  # WR50 as before
