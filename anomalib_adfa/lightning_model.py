@@ -43,8 +43,9 @@ from anomalib_adfa.descriptor import PUBLIC_ATTENTION_KERNEL
 from anomalib_adfa.export import ONNX_OPSET_VERSION, install_export_guard, keep_float32_inference
 from anomalib_adfa.feature_cache import FeatureCache, random_transform_reason
 from anomalib_adfa.loss import AdfaLoss
+from anomalib_adfa.metrics import clinical_test_metrics
 from anomalib_adfa.patch_scoring import DistanceMode
-from anomalib_adfa.post_processing import RankPreservingPostProcessor
+from anomalib_adfa.post_processing import SpecificityPostProcessor
 from anomalib_adfa.soft_topk import TopKMode
 from anomalib_adfa.torch_model import AdfaModel
 
@@ -78,8 +79,10 @@ class Adfa(AnomalibModule):
         cache_features: Reuse frozen-backbone features of training images across epochs.
         cache_max_bytes: Memory budget of the feature cache.
         pre_processor: Pre-processor, or ``True`` for the default one.
-        post_processor: Post-processor, or ``True`` for :class:`RankPreservingPostProcessor`.
-        evaluator: Evaluator, or ``True`` for anomalib's default metrics.
+        post_processor: Post-processor, or ``True`` for :class:`SpecificityPostProcessor` (threshold at 95 %
+            specificity on the validation normals).
+        evaluator: Evaluator, or ``True`` for anomalib's default metrics plus the clinical ones
+            (:func:`~anomalib_adfa.metrics.clinical_test_metrics`).
         visualizer: Visualizer, or ``True`` for anomalib's default.
     """
 
@@ -175,8 +178,13 @@ class Adfa(AnomalibModule):
         return PreProcessor(transform=Compose(steps))
 
     def configure_post_processor(self) -> PostProcessor:
-        """Use anomalib's post-processing with an order-preserving normalisation (printed AUROC = raw AUROC)."""
-        return RankPreservingPostProcessor()
+        """Threshold at 95 % specificity on validation normals; order-preserving normalisation (printed AUROC = raw)."""
+        return SpecificityPostProcessor()
+
+    @staticmethod
+    def configure_evaluator() -> Evaluator:
+        """Use anomalib's test metrics plus the clinical ones (:func:`~anomalib_adfa.metrics.clinical_test_metrics`)."""
+        return Evaluator(test_metrics=clinical_test_metrics())
 
     # ------------------------------------------------------------------ training
     def on_train_start(self) -> None:

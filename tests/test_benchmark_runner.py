@@ -13,7 +13,7 @@ import torch
 from anomalib_adfa.backbones import LITE0_BACKBONE, efficientnet_lite0_weights, load_state_dict_file
 from benchmarks import run
 from benchmarks.jobs import MedicalBenchmarkJob
-from benchmarks.metrics import auroc, best_f1, bootstrap_auroc_ci, pixel_auroc
+from benchmarks.metrics import auroc, best_f1, bootstrap_auroc_ci, operating_point, pixel_auroc
 from benchmarks.models import ModelSettings, UnsupportedModelError, build_model
 
 
@@ -48,6 +48,19 @@ def test_bootstrap_interval_brackets_the_auroc() -> None:
     assert interval.low < value < interval.high
     assert interval.low >= 0.0
     assert interval.high <= 1.0
+
+
+def test_operating_point_uses_the_validation_quantile_and_brackets_the_rates() -> None:
+    rng = np.random.default_rng(0)
+    val_normal = np.arange(1.0, 21.0)  # 0.9 quantile (rank 18) is 18
+    labels = np.r_[np.zeros(200, dtype=int), np.ones(100, dtype=int)]
+    scores = np.r_[rng.uniform(0, 20, 200), rng.uniform(15, 40, 100)]
+    point = operating_point(val_normal, labels, scores, 0.9, num_samples=500)
+    assert point.threshold == 18.0
+    assert point.specificity == pytest.approx((scores[:200] <= 18).mean())
+    assert point.sensitivity == pytest.approx((scores[200:] > 18).mean())
+    assert point.specificity_ci.low < point.specificity < point.specificity_ci.high
+    assert point.sensitivity_ci.low < point.sensitivity < point.sensitivity_ci.high
 
 
 def test_pixel_auroc_of_a_perfect_map() -> None:
@@ -105,8 +118,16 @@ def test_smoke_run_writes_results_and_resumes(
     assert (results.image_AUROC <= results.image_AUROC_ci_high).all()
     assert (results.epochs == 1).all()
     assert (results.peak_rss_mb > 0).all()
+    assert (results.protocol == "paper").all()
+    assert results.test_specificity.between(0, 1).all()
+    assert (results.test_specificity_ci_low <= results.test_specificity).all()
+    assert (results.calibration_gap == results.test_specificity - 0.95).all()
+    assert not results.threshold_mismatch.any()  # the post-processor's threshold is the recomputed one
+    assert np.allclose(results.anomalib_image_Specificity, results.test_specificity, atol=1e-6)
     table = (run_dir / "results.md").read_text()
     assert "| Model | Covid |" in table
+    assert "F1 oracle (test-calibrated)" in table
+    assert "Table 1 (image AUROC)" in table
     assert "**" in table
     assert "capped by --max-epochs 1" in table
     assert (run_dir / "auroc.png").read_bytes()[:4] == b"\x89PNG"
@@ -138,7 +159,7 @@ def test_a_failing_job_is_printed_and_recorded(
     ]
     assert run.main(argv) == 1
     out = capsys.readouterr().out
-    assert "covid__padim__seed1024: ERROR: RuntimeError: padim exploded" in out
+    assert "covid__padim__paper__seed1024: ERROR: RuntimeError: padim exploded" in out
     assert "Traceback" in out
     row = pd.read_csv(tmp_path / "broken" / "results.csv").iloc[0]
     assert row.status == "error"

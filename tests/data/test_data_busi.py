@@ -11,6 +11,8 @@ from PIL import Image
 
 from anomalib_adfa.data import BUSI, BUSIDataset, DatasetLayoutError
 
+PAPER_PROTOCOL = "same_as_test"  # the paper's split: every training normal trains (default from_train holds half out)
+
 
 def setup(datamodule: BUSI) -> BUSI:
     datamodule.setup()
@@ -26,7 +28,7 @@ def union_of(*paths: Path) -> np.ndarray:
 
 
 def test_full_layout_gives_the_paper_split(busi_full_root: Path) -> None:
-    datamodule = setup(BUSI(root=busi_full_root))
+    datamodule = setup(BUSI(val_split_mode=PAPER_PROTOCOL, root=busi_full_root))
     assert split_counts(datamodule) == (96, {1: 496, 0: 32})
     test = datamodule.test_data.samples
     assert set(test.label[test.label_index == 1]) == {"benign", "malignant"}
@@ -35,11 +37,14 @@ def test_full_layout_gives_the_paper_split(busi_full_root: Path) -> None:
 
 
 def test_option_all_uses_every_abnormal_image(busi_full_root: Path) -> None:
-    assert split_counts(setup(BUSI(root=busi_full_root, abnormal="all"))) == (96, {1: 647, 0: 32})
+    assert split_counts(setup(BUSI(val_split_mode=PAPER_PROTOCOL, root=busi_full_root, abnormal="all"))) == (
+        96,
+        {1: 647, 0: 32},
+    )
 
 
 def test_masks_are_never_samples_and_clutter_is_ignored(busi_full_root: Path) -> None:
-    samples = setup(BUSI(root=busi_full_root, abnormal="all")).test_data.samples
+    samples = setup(BUSI(val_split_mode=PAPER_PROTOCOL, root=busi_full_root, abnormal="all")).test_data.samples
     names = [Path(path).name for path in samples.image_path]
     assert not [name for name in names if "_mask" in name]
     assert all(Path(path).suffix.lower() == ".png" for path in samples.image_path)
@@ -48,7 +53,9 @@ def test_masks_are_never_samples_and_clutter_is_ignored(busi_full_root: Path) ->
 
 
 def test_split_is_seeded_and_disjoint(busi_full_root: Path) -> None:
-    first, again, other = (setup(BUSI(root=busi_full_root, seed=seed)) for seed in (1024, 1024, 317))
+    first, again, other = (
+        setup(BUSI(val_split_mode=PAPER_PROTOCOL, root=busi_full_root, seed=seed)) for seed in (1024, 1024, 317)
+    )
     train = set(first.train_data.samples.image_path)
     test = set(first.test_data.samples.image_path)
     assert not train & test
@@ -99,13 +106,16 @@ def test_real_sample_normal_masks_are_empty(busi_sample_root: Path) -> None:
 
 def test_real_sample_split_follows_the_documented_rule(busi_sample_root: Path) -> None:
     # 8 normal: round(8 * 96/133) = 6 train, round(8 * 128/133) - 6 = 2 test; 13 abnormal: round(13 * 496/647) = 10.
-    assert split_counts(setup(BUSI(root=busi_sample_root))) == (6, {1: 10, 0: 2})
-    assert split_counts(setup(BUSI(root=busi_sample_root.parent, abnormal="all"))) == (6, {1: 13, 0: 2})
+    assert split_counts(setup(BUSI(val_split_mode=PAPER_PROTOCOL, root=busi_sample_root))) == (6, {1: 10, 0: 2})
+    assert split_counts(setup(BUSI(val_split_mode=PAPER_PROTOCOL, root=busi_sample_root.parent, abnormal="all"))) == (
+        6,
+        {1: 13, 0: 2},
+    )
 
 
 def test_copies_without_masks_are_classification(tmp_path: Path, busi_factory: Callable[..., Path]) -> None:
     root = busi_factory(tmp_path, counts={"normal": 8, "benign": 5, "malignant": 4}, masks=False)
-    datamodule = setup(BUSI(root=root))
+    datamodule = setup(BUSI(val_split_mode=PAPER_PROTOCOL, root=root))
     assert datamodule.task.value == "classification"
     assert split_counts(datamodule) == (6, {1: 7, 0: 2})
     assert datamodule.test_data[0].gt_mask is None
@@ -115,7 +125,7 @@ def test_partially_masked_copies_are_refused(tmp_path: Path, busi_factory: Calla
     root = busi_factory(tmp_path, counts={"normal": 8, "benign": 5, "malignant": 4})
     (root / "malignant" / "malignant (2)_mask.png").unlink()
     with pytest.raises(DatasetLayoutError, match=r"some abnormal images have masks(.|\n)*malignant \(2\)\.png"):
-        BUSI(root=root, abnormal="all").setup()
+        BUSI(val_split_mode=PAPER_PROTOCOL, root=root, abnormal="all").setup()
 
 
 def test_unknown_abnormal_option_is_refused(busi_sample_root: Path) -> None:

@@ -21,6 +21,8 @@ from anomalib_adfa.data import (
     load_mask,
 )
 
+PAPER_PROTOCOL = "same_as_test"  # the paper's split: every training normal trains (default from_train holds half out)
+
 
 def write_images(folder: Path, count: int, image_format: str = "PNG", suffix: str = ".png") -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
@@ -41,7 +43,7 @@ def brainmri_tree(root: Path, normal: int = 5, tumour: int = 3) -> Path:
 def test_missing_root_says_what_to_expect_and_where_to_download(tmp_path: Path) -> None:
     root = tmp_path / "nowhere"
     with pytest.raises(DatasetLayoutError) as error:
-        BrainMRI(root=root).setup()
+        BrainMRI(val_split_mode=PAPER_PROTOCOL, root=root).setup()
     message = str(error.value)
     assert str(root) in message
     assert "does not exist" in message
@@ -55,7 +57,7 @@ def test_wrong_root_lists_what_was_found(tmp_path: Path) -> None:
     write_images(tmp_path / "data" / "no", 3)
     (tmp_path / "readme.txt").write_text("hi")
     with pytest.raises(DatasetLayoutError) as error:
-        BrainMRI(root=tmp_path).setup()
+        BrainMRI(val_split_mode=PAPER_PROTOCOL, root=tmp_path).setup()
     message = str(error.value)
     assert "contains: data/, readme.txt" in message
     assert f"'{tmp_path / 'data'}' has no/ but lacks yes/" in message
@@ -63,7 +65,7 @@ def test_wrong_root_lists_what_was_found(tmp_path: Path) -> None:
 
 def test_root_that_is_a_file_is_refused(covid_root: Path) -> None:
     with pytest.raises(DatasetLayoutError) as error:
-        Covid(root=covid_root / "train" / "train.csv").setup()
+        Covid(val_split_mode=PAPER_PROTOCOL, root=covid_root / "train" / "train.csv").setup()
     message = str(error.value)
     assert message.startswith(f"Covid: no usable dataset at '{covid_root / 'train' / 'train.csv'}'")
     assert "is a file, not a folder" in message
@@ -77,13 +79,13 @@ def test_empty_class_folder_is_an_error(tmp_path: Path) -> None:
         path.unlink()
     (tmp_path / "yes" / "Thumbs.db").write_bytes(b"\0")
     with pytest.raises(DatasetLayoutError, match=r"empty class folder(.|\n)*no images in '.*yes'"):
-        BrainMRI(root=tmp_path).setup()
+        BrainMRI(val_split_mode=PAPER_PROTOCOL, root=tmp_path).setup()
 
 
 def test_too_few_images_for_the_split_is_an_error(tmp_path: Path) -> None:
     brainmri_tree(tmp_path, normal=1)  # round(58/98) = 1 train image leaves no normal test image
     with pytest.raises(DatasetLayoutError, match=r"too few images .* normal test images"):
-        BrainMRI(root=tmp_path).setup()
+        BrainMRI(val_split_mode=PAPER_PROTOCOL, root=tmp_path).setup()
 
 
 def test_every_corrupt_or_truncated_file_is_reported_at_setup(tmp_path: Path) -> None:
@@ -99,14 +101,14 @@ def test_every_corrupt_or_truncated_file_is_reported_at_setup(tmp_path: Path) ->
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(png, "PNG")
     truncated_png.write_bytes(png.getvalue()[:-40])
 
-    datamodule = BrainMRI(root=tmp_path)
+    datamodule = BrainMRI(val_split_mode=PAPER_PROTOCOL, root=tmp_path)
     with pytest.raises(CorruptImageError) as error:
         datamodule.setup()
     message = str(error.value)
     assert message.startswith("3 image file(s) cannot be read")
     for path in (garbage, truncated_jpeg, truncated_png):
         assert str(path) in message
-    unchecked = BrainMRI(root=tmp_path, check_images=False)
+    unchecked = BrainMRI(val_split_mode=PAPER_PROTOCOL, root=tmp_path, check_images=False)
     unchecked.setup()
     assert len(unchecked.train_data) + len(unchecked.test_data) == 10  # 7 normal (with 5.png) + 3 tumour
 
@@ -117,7 +119,7 @@ def test_truncated_bmp_is_reported(tmp_path: Path, sipakmed_factory: Callable[..
     bmp = root / "im_Dyskeratotic" / "002.bmp"
     bmp.write_bytes(bmp.read_bytes()[:-20])
     with pytest.raises(CorruptImageError, match=r"1 image file\(s\)(.|\n)*im_Dyskeratotic/002.bmp"):
-        SIPaKMeD(root=root).setup()
+        SIPaKMeD(val_split_mode=PAPER_PROTOCOL, root=root).setup()
 
 
 def test_from_dir_validation_is_refused(tmp_path: Path) -> None:

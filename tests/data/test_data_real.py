@@ -12,6 +12,8 @@ from torchvision.transforms.v2 import Resize
 from anomalib_adfa.data import BrainMRI, Covid
 from anomalib_adfa.data.base import MedicalDataModule
 
+PAPER_PROTOCOL = "same_as_test"  # the paper's split: every training normal trains (default from_train holds half out)
+
 
 def file_names(dataset: object) -> set[str]:
     """``<class folder>/<file name>`` of every sample of a dataset."""
@@ -38,7 +40,7 @@ def link_tree(source: Path, target: Path, rename: Callable[[str], str] = str) ->
 
 
 def test_brainmri_has_the_paper_split(brainmri_root: Path) -> None:
-    datamodule = setup(BrainMRI(root=brainmri_root))
+    datamodule = setup(BrainMRI(val_split_mode=PAPER_PROTOCOL, root=brainmri_root))
     assert len(datamodule.train_data) == 58
     assert label_counts(datamodule) == {0: 40, 1: 155}
     assert set(datamodule.train_data.samples.label) == {"no"}
@@ -48,7 +50,7 @@ def test_brainmri_has_the_paper_split(brainmri_root: Path) -> None:
 
 
 def test_brainmri_uses_every_image_once(brainmri_root: Path) -> None:
-    datamodule = setup(BrainMRI(root=brainmri_root))
+    datamodule = setup(BrainMRI(val_split_mode=PAPER_PROTOCOL, root=brainmri_root))
     train, test = file_names(datamodule.train_data), file_names(datamodule.test_data)
     assert not train & test
     on_disk = {f"{p.parent.name}/{p.name}" for p in brainmri_root.glob("*/*") if p.is_file()}
@@ -57,9 +59,9 @@ def test_brainmri_uses_every_image_once(brainmri_root: Path) -> None:
 
 
 def test_brainmri_split_is_reproducible_and_seeded(brainmri_root: Path) -> None:
-    first = file_names(setup(BrainMRI(root=brainmri_root)).train_data)
-    again = file_names(setup(BrainMRI(root=brainmri_root)).train_data)
-    other = setup(BrainMRI(root=brainmri_root, seed=213))
+    first = file_names(setup(BrainMRI(val_split_mode=PAPER_PROTOCOL, root=brainmri_root)).train_data)
+    again = file_names(setup(BrainMRI(val_split_mode=PAPER_PROTOCOL, root=brainmri_root)).train_data)
+    other = setup(BrainMRI(val_split_mode=PAPER_PROTOCOL, root=brainmri_root, seed=213))
     assert first == again
     assert len(other.train_data) == 58
     assert label_counts(other) == {0: 40, 1: 155}
@@ -67,15 +69,18 @@ def test_brainmri_split_is_reproducible_and_seeded(brainmri_root: Path) -> None:
 
 
 def test_brainmri_split_ignores_listing_order(brainmri_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    expected = file_names(setup(BrainMRI(root=brainmri_root)).train_data)
+    expected = file_names(setup(BrainMRI(val_split_mode=PAPER_PROTOCOL, root=brainmri_root)).train_data)
     original = Path.iterdir
     monkeypatch.setattr(Path, "iterdir", lambda self: iter(sorted(original(self), reverse=True)))
-    assert file_names(setup(BrainMRI(root=brainmri_root)).train_data) == expected
+    assert file_names(setup(BrainMRI(val_split_mode=PAPER_PROTOCOL, root=brainmri_root)).train_data) == expected
 
 
 def test_brainmri_split_ignores_case_clutter_and_kaggle_duplicates(brainmri_root: Path, tmp_path: Path) -> None:
     """A copy with upper-cased names, stray files and Kaggle's duplicate top-level no/ yes/ gives the same split."""
-    expected = {name.casefold() for name in file_names(setup(BrainMRI(root=brainmri_root)).train_data)}
+    expected = {
+        name.casefold()
+        for name in file_names(setup(BrainMRI(val_split_mode=PAPER_PROTOCOL, root=brainmri_root)).train_data)
+    }
     archive = tmp_path / "archive"
     link_tree(brainmri_root, archive, rename=str.upper)  # NO/, YES/, '1 NO.JPEG' ...
     link_tree(brainmri_root, archive / "brain_tumor_dataset")  # the duplicate copy
@@ -85,7 +90,7 @@ def test_brainmri_split_ignores_case_clutter_and_kaggle_duplicates(brainmri_root
     (archive / "__MACOSX" / "NO").mkdir(parents=True)
     (archive / "__MACOSX" / "NO" / "._1 no.jpeg").write_bytes(b"\0")
 
-    datamodule = setup(BrainMRI(root=archive))
+    datamodule = setup(BrainMRI(val_split_mode=PAPER_PROTOCOL, root=archive))
     assert len(datamodule.train_data) == 58
     assert label_counts(datamodule) == {0: 40, 1: 155}
     assert {name.casefold() for name in file_names(datamodule.train_data)} == expected
@@ -93,19 +98,21 @@ def test_brainmri_split_ignores_case_clutter_and_kaggle_duplicates(brainmri_root
 
 def test_brainmri_accepts_the_parent_folder(brainmri_root: Path, tmp_path: Path) -> None:
     link_tree(brainmri_root, tmp_path / "download" / "brain_tumor_dataset")
-    datamodule = setup(BrainMRI(root=tmp_path / "download"))
+    datamodule = setup(BrainMRI(val_split_mode=PAPER_PROTOCOL, root=tmp_path / "download"))
     assert len(datamodule.train_data) == 58
     assert label_counts(datamodule) == {0: 40, 1: 155}
 
 
 def test_validation_is_the_test_split(brainmri_root: Path) -> None:
-    datamodule = setup(BrainMRI(root=brainmri_root))
+    datamodule = setup(BrainMRI(val_split_mode=PAPER_PROTOCOL, root=brainmri_root))
     assert datamodule.val_data.samples.image_path.tolist() == datamodule.test_data.samples.image_path.tolist()
     assert datamodule.num_workers == 0
 
 
 def test_items_and_batches_are_three_channel(brainmri_root: Path) -> None:
-    datamodule = setup(BrainMRI(root=brainmri_root, eval_batch_size=4, augmentations=Resize((32, 32))))
+    datamodule = setup(
+        BrainMRI(val_split_mode=PAPER_PROTOCOL, root=brainmri_root, eval_batch_size=4, augmentations=Resize((32, 32)))
+    )
     item = datamodule.test_data[0]
     assert item.image.dtype == torch.float32
     assert item.image.shape == (3, 32, 32)
@@ -116,7 +123,7 @@ def test_items_and_batches_are_three_channel(brainmri_root: Path) -> None:
 
 
 def test_covid_has_the_official_split(covid_root: Path) -> None:
-    datamodule = setup(Covid(root=covid_root))
+    datamodule = setup(Covid(val_split_mode=PAPER_PROTOCOL, root=covid_root))
     assert len(datamodule.train_data) == 74
     assert label_counts(datamodule) == {0: 20, 1: 20}
     train_dirs = {Path(p).parent.relative_to(covid_root).as_posix() for p in datamodule.train_data.samples.image_path}
@@ -131,7 +138,7 @@ def test_covid_has_the_official_split(covid_root: Path) -> None:
 
 
 def test_covid_accepts_the_parent_folder_and_ignores_the_seed(covid_root: Path) -> None:
-    reference = setup(Covid(root=covid_root))
-    from_parent = setup(Covid(root=covid_root.parent, seed=317))
+    reference = setup(Covid(val_split_mode=PAPER_PROTOCOL, root=covid_root))
+    from_parent = setup(Covid(val_split_mode=PAPER_PROTOCOL, root=covid_root.parent, seed=317))
     assert from_parent.train_data.samples.image_path.tolist() == reference.train_data.samples.image_path.tolist()
     assert from_parent.test_data.samples.image_path.tolist() == reference.test_data.samples.image_path.tolist()
