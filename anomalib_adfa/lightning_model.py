@@ -48,6 +48,7 @@ from anomalib_adfa.patch_scoring import DistanceMode
 from anomalib_adfa.post_processing import SpecificityPostProcessor
 from anomalib_adfa.soft_topk import TopKMode
 from anomalib_adfa.torch_model import AdfaModel
+from anomalib_adfa.visualization import MedicalImageVisualizer
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ class Adfa(AnomalibModule):
             specificity on the validation normals).
         evaluator: Evaluator, or ``True`` for anomalib's default metrics plus the clinical ones
             (:func:`~anomalib_adfa.metrics.clinical_test_metrics`).
-        visualizer: Visualizer, or ``True`` for anomalib's default.
+        visualizer: Visualizer, or ``True`` for :class:`~anomalib_adfa.visualization.MedicalImageVisualizer`.
     """
 
     def __init__(
@@ -176,6 +177,15 @@ class Adfa(AnomalibModule):
             steps.append(CenterCrop(tuple(center_crop_size)))
         steps.append(Normalize(mean=list(mean), std=list(std)))
         return PreProcessor(transform=Compose(steps))
+
+    @classmethod
+    def configure_visualizer(cls) -> Visualizer:
+        """Use anomalib's image visualiser with the project's reader, so DICOM and 16-bit inputs draw.
+
+        anomalib's own re-opens every input with PIL, which cannot read DICOM (see
+        :class:`~anomalib_adfa.visualization.MedicalImageVisualizer`).
+        """
+        return MedicalImageVisualizer()
 
     def configure_post_processor(self) -> PostProcessor:
         """Threshold at 95 % specificity on validation normals; order-preserving normalisation (printed AUROC = raw)."""
