@@ -219,7 +219,9 @@ class _NormalQuantileThreshold(Threshold):
         Raises:
             ValueError: When the validation set had no normal image.
         """
-        scores = dim_zero_cat(self.normal_preds) if self.normal_preds else torch.empty(0)
+        # A list while collecting; one tensor once torchmetrics has gathered it across DDP ranks.
+        preds = self.normal_preds
+        scores = dim_zero_cat(preds) if isinstance(preds, torch.Tensor) or preds else torch.empty(0)
         if scores.numel() == 0:
             msg = (
                 f"cannot set the {self.unit} threshold at specificity {self.target_specificity}: the validation set "

@@ -33,7 +33,10 @@ FOLDERS = {"normal_dir": "train/good", "normal_test_dir": "test/good", "abnormal
 
 
 def test_dicom_folders_load_like_their_png_originals(phantom_dicoms: Path, phantom_pngs) -> None:
-    datamodule = MedicalFolder(root=phantom_dicoms, mask_dir="ground_truth/lesion", **FOLDERS)
+    # same_as_test keeps every training image in train_data (the default from_train holds half out).
+    datamodule = MedicalFolder(
+        root=phantom_dicoms, mask_dir="ground_truth/lesion", val_split_mode="same_as_test", **FOLDERS
+    )
     datamodule.setup()
     assert (len(datamodule.train_data), len(datamodule.test_data)) == (6, 6)
     assert datamodule.test_data.task == TaskType.SEGMENTATION
