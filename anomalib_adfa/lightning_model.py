@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 from anomalib import LearningType
 from anomalib.data import Batch
-from anomalib.metrics import Evaluator
+from anomalib.metrics import AUROC, Evaluator, F1Score
 from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
@@ -34,6 +34,8 @@ from anomalib_adfa.distances import DistanceMode
 from anomalib_adfa.export import install_export_guard
 from anomalib_adfa.feature_cache import FeatureCache, random_transform_reason
 from anomalib_adfa.loss import AdfaLoss
+from anomalib_adfa.mask_frame import FramedPreProcessor, MaskResolution
+from anomalib_adfa.pixel_metrics import LocalisationEvaluator, pixel_test_metrics
 from anomalib_adfa.post_processing import RankPreservingPostProcessor
 from anomalib_adfa.soft_topk import TopKMode
 from anomalib_adfa.torch_model import AdfaModel
@@ -79,13 +81,17 @@ class Adfa(AnomalibModule):
             backbone's own normalisation. Used only by the default pre-processor.
         image_size: Resize size of the default pre-processor.
         center_crop_size: Centre crop of the default pre-processor (``None``: no crop).
+        mask_resolution: Where the default pre-processor has maps meet masks: ``"input"`` (after resize and
+            crop, anomalib's convention) or ``"original"`` (the image's frame; lesion parts outside the crop count
+            as missed). See :mod:`anomalib_adfa.mask_frame`.
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
         cache_features: Reuse frozen-backbone features of training images across epochs.
         cache_max_bytes: Memory budget of the feature cache.
         pre_processor: Pre-processor, or ``True`` for the default one.
         post_processor: Post-processor, or ``True`` for :class:`RankPreservingPostProcessor`.
-        evaluator: Evaluator, or ``True`` for anomalib's default metrics.
+        evaluator: Evaluator, or ``True`` for the default: image AUROC and F1, and where the test set has masks
+            pixel AUROC, AUPRO (FPR limit 0.3), Dice and IoU (see :meth:`configure_evaluator`).
         visualizer: Visualizer, or ``True`` for anomalib's default.
     """
 
@@ -107,6 +113,7 @@ class Adfa(AnomalibModule):
         input_normalization: Literal["imagenet", "half"] | None = None,
         image_size: tuple[int, int] = (256, 256),
         center_crop_size: tuple[int, int] | None = (224, 224),
+        mask_resolution: MaskResolution = "input",
         lr: float = 1e-3,
         weight_decay: float = 5e-4,
         cache_features: bool = True,
@@ -122,6 +129,7 @@ class Adfa(AnomalibModule):
                 image_size=image_size,
                 center_crop_size=center_crop_size,
                 normalization=input_normalization or backbone,
+                mask_resolution=mask_resolution,
             )
         super().__init__(
             pre_processor=pre_processor,
@@ -155,6 +163,7 @@ class Adfa(AnomalibModule):
         image_size: tuple[int, int] | None = None,
         center_crop_size: tuple[int, int] | None = (224, 224),
         normalization: str = "imagenet",
+        mask_resolution: MaskResolution = "input",
     ) -> PreProcessor:
         """Resize, centre-crop and normalise, as the public ADFA code does (256 -> 224).
 
@@ -162,6 +171,7 @@ class Adfa(AnomalibModule):
             image_size: Resize size, default ``(256, 256)``.
             center_crop_size: Crop size, or ``None`` for no crop.
             normalization: ``"imagenet"``, ``"half"`` or a timm backbone name whose own mean/std to use.
+            mask_resolution: ``"input"`` or ``"original"``; see :class:`~anomalib_adfa.mask_frame.FramedPreProcessor`.
 
         Returns:
             The pre-processor.
@@ -175,11 +185,24 @@ class Adfa(AnomalibModule):
                 raise ValueError(msg)
             steps.append(CenterCrop(tuple(center_crop_size)))
         steps.append(Normalize(mean=list(mean), std=list(std)))
-        return PreProcessor(transform=Compose(steps))
+        return FramedPreProcessor(transform=Compose(steps), mask_resolution=mask_resolution)
 
     def configure_post_processor(self) -> PostProcessor:
         """Use anomalib's post-processing with an order-preserving normalisation (printed AUROC = raw AUROC)."""
         return RankPreservingPostProcessor()
+
+    @staticmethod
+    def configure_evaluator() -> Evaluator:
+        """Image AUROC and F1 (anomalib's defaults) and the localisation metrics of :mod:`.pixel_metrics`.
+
+        The pixel metrics (``pixel_AUROC``, ``pixel_AUPRO@fpr0.3``, ``pixel_Dice@<threshold source>``,
+        ``pixel_IoU@<threshold source>``) are computed only when the test batches carry masks.
+        """
+        image_metrics = [
+            AUROC(fields=["pred_score", "gt_label"], prefix="image_"),
+            F1Score(fields=["pred_label", "gt_label"], prefix="image_"),
+        ]
+        return LocalisationEvaluator(test_metrics=[*image_metrics, *pixel_test_metrics()])
 
     # ------------------------------------------------------------------ training
     def on_train_start(self) -> None:

@@ -29,9 +29,11 @@ from anomalib.pipelines.benchmark.job import BenchmarkJob
 from lightning import Callback, LightningModule, Trainer, seed_everything
 
 from anomalib_adfa import Adfa
+from anomalib_adfa.callbacks import EvaluationRecorder
 from anomalib_adfa.data import BUSI, BrainMRI, Covid, SIPaKMeD
 from anomalib_adfa.distances import kl_weight
-from benchmarks.metrics import auroc, best_f1, bootstrap_auroc_ci, pixel_auroc
+from anomalib_adfa.pixel_metrics import pixel_metrics, threshold_label
+from benchmarks.metrics import auroc, best_f1, bootstrap_auroc_ci
 from benchmarks.models import UnsupportedModelError, build_model
 
 DATASETS: dict[str, tuple[type[AnomalibDataModule], str]] = {
@@ -85,22 +87,23 @@ class JobContext:
         settings: Factory of the shared model settings, given a job's ADFA options.
         epochs: Training epochs of each model (already capped).
         batch_size: Train and eval batch size.
+        report_dir: Where each job saves its test record for the HTML report (``<report_dir>/<job key>/``);
+            ``None`` saves nothing.
     """
 
     root: dict[str, Path]
     settings: Callable[[dict[str, Any]], Any]
     epochs: dict[str, int]
     batch_size: int
+    report_dir: Path | None = None
 
 
 class _ScoreRecorder(Callback):
-    """Keep the raw test predictions (this callback runs before the model's post-processor) and time validation."""
+    """Keep the raw test scores (this callback runs before the model's post-processor) and time validation."""
 
     def __init__(self) -> None:
         self.scores: list[torch.Tensor] = []
         self.labels: list[torch.Tensor] = []
-        self.maps: list[torch.Tensor] = []
-        self.masks: list[torch.Tensor] = []
         self.validation_seconds = 0.0
         self.test_seconds = 0.0
         self._start = 0.0
@@ -125,9 +128,6 @@ class _ScoreRecorder(Callback):
         del trainer, pl_module, args
         self.scores.append(outputs.pred_score.detach().flatten().cpu().double().clone())
         self.labels.append(outputs.gt_label.detach().flatten().cpu().clone())
-        if outputs.gt_mask is not None and outputs.anomaly_map is not None:
-            self.maps.append(outputs.anomaly_map.detach().cpu().float().clone().reshape(outputs.gt_mask.shape))
-            self.masks.append(outputs.gt_mask.detach().cpu().clone())
 
 
 @contextlib.contextmanager
@@ -235,6 +235,13 @@ class MedicalBenchmarkJob(BenchmarkJob):
             return self._run_control()
         epochs = self.context.epochs[self.spec.model]
         recorder = _ScoreRecorder()
+        report_dir = self.context.report_dir
+        label = self.spec.variant or self.spec.model
+        maps = EvaluationRecorder(
+            save=report_dir is not None,
+            output_dir=report_dir / self.spec.key if report_dir is not None else None,
+            label=f"{label} (seed {self.spec.seed})",
+        )
         with tempfile.TemporaryDirectory() as temp_dir:
             engine = Engine(
                 accelerator=self.accelerator,
@@ -244,7 +251,7 @@ class MedicalBenchmarkJob(BenchmarkJob):
                 max_epochs=epochs,
                 # Validate (to fit the post-processor on the validation copy of the test set) once, at the end.
                 check_val_every_n_epoch=epochs,
-                callbacks=[recorder],
+                callbacks=[recorder, maps],
                 enable_progress_bar=False,
                 enable_model_summary=False,
             )
@@ -266,11 +273,21 @@ class MedicalBenchmarkJob(BenchmarkJob):
             "anomalib_image_AUROC": float(test_metrics.get("image_AUROC", np.nan)),
             "anomalib_image_F1Score": float(test_metrics.get("image_F1Score", np.nan)),
         }
-        if recorder.masks:
-            result["pixel_AUROC"] = pixel_auroc(torch.cat(recorder.masks), torch.cat(recorder.maps))
+        if maps.masks:
+            result.update(self._pixel_metrics(maps))
             result["anomalib_pixel_AUROC"] = float(test_metrics.get("pixel_AUROC", np.nan))
         result["auroc_mismatch"] = bool(abs(result["image_AUROC"] - result["anomalib_image_AUROC"]) > AUROC_TOLERANCE)
         return result
+
+    def _pixel_metrics(self, maps: EvaluationRecorder) -> dict[str, Any]:
+        """Pixel metrics with bootstrap CIs from the raw maps; Dice/IoU at the post-processor's pixel threshold."""
+        post_processor = self.model.post_processor
+        threshold = float(post_processor.pixel_threshold)
+        source = threshold_label(post_processor, self.datamodule.val_split_mode)
+        result = pixel_metrics(
+            torch.cat(maps.maps), torch.cat(maps.masks), threshold, paths=maps.paths, labels=maps.labels
+        )
+        return result.as_dict(source)
 
     def _run_control(self) -> dict[str, Any]:
         """Score ADFA without training: centres from the untrained descriptor, then the chosen score."""

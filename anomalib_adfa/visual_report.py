@@ -1,0 +1,304 @@
+"""``anomalib-adfa report``: an offline HTML page showing where each model looked, next to where the lesion is.
+
+The input is a *run folder*: any folder holding one or more ``report_data/`` folders written by
+:class:`~anomalib_adfa.callbacks.EvaluationRecorder`: anomalib's ``results/<Model>/<Dataset>/vN`` after
+``anomalib test ... --trainer.callbacks+=anomalib_adfa.callbacks.EvaluationRecorder``, a parent of several of them,
+or a benchmark run folder (``benchmarks/results/<run>``, one ``report_data/<job>`` per job). The page and its
+PNG figures go to ``<run folder>/report/``; it links no external resource, so it opens offline.
+
+Contents: a table of each run's test metrics; per dataset, the ROC curves of every run on one plot; per run, a
+histogram of the raw scores of normal and abnormal test images with the image threshold, and three galleries
+(the highest-scoring normal images, i.e. false alarms; the lowest-scoring abnormal ones, i.e. misses; typical
+cases near the median score of each class), each case as the image with the lesion outline, and the heatmap
+over it, with its score and the threshold. Heatmaps share one colour scale per run, stated under each gallery.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import matplotlib as mpl
+
+mpl.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.patches import Rectangle
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from anomalib_adfa.callbacks import REPORT_DATA_DIR
+
+CASES_PER_GALLERY = 4
+HEATMAP_COLORMAP = "jet"
+MAP_LOW_PERCENTILE = 50.0
+"""The coldest colour is this percentile of the map values of the normal test images."""
+MAP_HIGH_PERCENTILE = 99.5
+"""The hottest colour is this percentile of the map values of all test images."""
+
+
+@dataclass
+class RunData:
+    """One test run as saved by :class:`~anomalib_adfa.callbacks.EvaluationRecorder`."""
+
+    folder: Path
+    name: str
+    dataset: str
+    info: dict
+    predictions: pd.DataFrame
+    thumbnails: dict[str, np.ndarray]
+
+    @property
+    def slug(self) -> str:
+        """File-name-safe identifier."""
+        return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{self.dataset}__{self.name}")
+
+
+def find_runs(folder: Path) -> list[RunData]:
+    """Load every ``report_data/`` folder below ``folder`` (or ``folder`` itself), each once.
+
+    Raises:
+        FileNotFoundError: When there is none, saying how to produce one.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        msg = f"run folder {folder} does not exist"
+        raise FileNotFoundError(msg)
+    candidates = [folder] if (folder / "run.json").is_file() else sorted(folder.rglob(f"{REPORT_DATA_DIR}/run.json"))
+    seen: set[Path] = set()
+    runs = []
+    for info_path in candidates:
+        data_dir = info_path.parent if info_path.name == "run.json" else info_path
+        if data_dir.resolve() in seen:
+            continue
+        seen.add(data_dir.resolve())
+        runs.append(_load(data_dir))
+    if not runs:
+        msg = (
+            f"no {REPORT_DATA_DIR}/ folder under {folder}: test with "
+            "--trainer.callbacks+=anomalib_adfa.callbacks.EvaluationRecorder (or run the benchmark) first"
+        )
+        raise FileNotFoundError(msg)
+    names = [run.name for run in runs]
+    for run in runs:  # two runs of one model (anomalib's v0, v1): tell them apart by folder
+        if names.count(run.name) > 1:
+            run.name = f"{run.name} ({run.folder.parent.name})"
+    return runs
+
+
+def _load(data_dir: Path) -> RunData:
+    info = json.loads((data_dir / "run.json").read_text())
+    predictions = pd.read_csv(data_dir / "predictions.csv")
+    with np.load(data_dir / "thumbnails.npz") as archive:
+        thumbnails = {key: archive[key] for key in archive.files}
+    name = str(info.get("label") or info.get("model") or data_dir.parent.name)
+    return RunData(data_dir, name, str(info.get("dataset") or "dataset"), info, predictions, thumbnails)
+
+
+def write_report(folder: Path, output: Path | None = None) -> Path:
+    """Write ``index.html`` and its PNG figures for every run below ``folder``.
+
+    Args:
+        folder: The run folder.
+        output: Output folder, default ``<folder>/report``.
+
+    Returns:
+        The HTML file.
+    """
+    runs = find_runs(folder)
+    output = Path(output) if output is not None else Path(folder) / "report"
+    output.mkdir(parents=True, exist_ok=True)
+    body = [
+        f"<h1>Anomaly detection report: {html.escape(Path(folder).resolve().name)}</h1>",
+        f"<p class='note'>Generated {datetime.now(UTC):%Y-%m-%d %H:%M} UTC from {len(runs)} run(s) in "
+        f"<code>{html.escape(str(Path(folder).resolve()))}</code>. Scores are the models' raw image scores; "
+        "thresholds are the post-processors' raw thresholds, labelled with where they were chosen "
+        "(<code>test_max_f1</code>: the F1-maximising threshold on the test set, i.e. test-calibrated).</p>",
+        _metrics_table(runs),
+    ]
+    for dataset in dict.fromkeys(run.dataset for run in runs):
+        members = [run for run in runs if run.dataset == dataset]
+        roc = f"roc_{re.sub(r'[^A-Za-z0-9._-]+', '_', dataset)}.png"
+        _plot_roc(members, dataset, output / roc)
+        body += [f"<h2>{html.escape(dataset)}</h2>", _figure(roc, f"ROC curves of every run on {dataset}")]
+        for run in members:
+            body += _run_section(run, output)
+    page = output / "index.html"
+    page.write_text(_page("\n".join(body)))
+    return page
+
+
+def _metrics_table(runs: list[RunData]) -> str:
+    names = sorted({name for run in runs for name in run.info.get("metrics", {})})
+    header = "".join(f"<th>{html.escape(name)}</th>" for name in ["Dataset", "Run", "Test images", *names])
+    rows = []
+    for run in runs:
+        metrics = run.info.get("metrics", {})
+        cells = [run.dataset, run.name, f"{len(run.predictions)} ({int(run.predictions.gt_label.sum())} abnormal)"]
+        cells += [f"{metrics[name]:.3f}" if name in metrics else "-" for name in names]
+        rows.append("<tr>" + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in cells) + "</tr>")
+    resolution = ", ".join(sorted({str(run.info.get("mask_resolution", "input")) for run in runs}))
+    caption = (
+        f"Test metrics as logged at test time. Masks compared at the {resolution} resolution "
+        "(input: after resize and centre crop; original: in the image's frame). pixel_AUPRO@fpr0.3: AUPRO up to "
+        "a false-positive rate of 0.3. Dice/IoU suffixes name the pixel threshold's source."
+    )
+    return f"<table><caption>{caption}</caption><tr>{header}</tr>{''.join(rows)}</table>"
+
+
+def _figure(source: str, caption: str) -> str:
+    image = f"<img src='{html.escape(source)}' alt='{html.escape(caption)}'>"
+    return f"<figure>{image}<figcaption>{caption}</figcaption></figure>"
+
+
+def _plot_roc(runs: list[RunData], dataset: str, path: Path) -> None:
+    figure, axis = plt.subplots(figsize=(5, 4.6))
+    for run in runs:
+        labels, scores = run.predictions.gt_label.to_numpy(), run.predictions.pred_score.to_numpy()
+        if len(set(labels.tolist())) < 2:
+            continue
+        fpr, tpr, _ = roc_curve(labels, scores)
+        axis.plot(fpr, tpr, label=f"{run.name} (AUROC {roc_auc_score(labels, scores):.3f})", linewidth=1.6)
+    axis.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    axis.set(xlabel="false-positive rate (normal images flagged)", ylabel="true-positive rate (abnormal found)")
+    axis.set_title(f"{dataset}: image-level ROC", fontsize=10)
+    axis.legend(fontsize=8, loc="lower right")
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def _run_section(run: RunData, output: Path) -> list[str]:
+    threshold = run.info.get("image_threshold")
+    source = run.info.get("image_threshold_source", "")
+    hist = f"{run.slug}_histogram.png"
+    _plot_histogram(run, threshold, output / hist)
+    parts = [
+        f"<h3>{html.escape(run.name)}</h3>",
+        f"<p class='note'>Image threshold {_fmt(threshold)} ({html.escape(source)}); pixel threshold "
+        f"{_fmt(run.info.get('pixel_threshold'))} ({html.escape(run.info.get('pixel_threshold_source', ''))}).</p>",
+        _figure(hist, "Raw image scores of the normal and abnormal test images, with the image threshold"),
+    ]
+    low, high = _colour_scale(run)
+    scale = (
+        f"Heatmap colour scale, fixed for this run: {HEATMAP_COLORMAP} from {low:.3g} (blue: the median map value "
+        f"of the normal test images) to {high:.3g} (red: the {MAP_HIGH_PERCENTILE}th percentile of all test map "
+        "values). Green: lesion outline (ground truth); dashed white box: the part of the image the model saw."
+    )
+    for title, indices in _galleries(run):
+        if not indices:
+            continue
+        name = f"{run.slug}_{title.split(':')[0].lower().replace(' ', '_')}.png"
+        _plot_cases(run, indices, threshold, (low, high), output / name)
+        parts.append(_figure(name, f"{html.escape(title)}. {scale}"))
+    return parts
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None or not np.isfinite(value) else f"{value:.4g}"
+
+
+def _plot_histogram(run: RunData, threshold: float | None, path: Path) -> None:
+    scores, labels = run.predictions.pred_score.to_numpy(), run.predictions.gt_label.to_numpy()
+    figure, axis = plt.subplots(figsize=(6, 3.2))
+    bins = np.histogram_bin_edges(scores, bins=min(40, max(5, len(scores) // 3)))
+    for label, colour, name in ((0, "tab:blue", "normal"), (1, "tab:red", "abnormal")):
+        chosen = scores[labels == label]
+        if chosen.size:
+            axis.hist(chosen, bins=bins, alpha=0.55, color=colour, label=f"{name} ({chosen.size})")
+    if threshold is not None and np.isfinite(threshold):
+        axis.axvline(threshold, color="black", linestyle="--", linewidth=1.2, label=f"threshold {threshold:.4g}")
+    axis.set(xlabel="raw image score", ylabel="test images")
+    axis.set_title(f"{run.name}: score distribution", fontsize=10)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def _galleries(run: RunData) -> list[tuple[str, list[int]]]:
+    scores, labels = run.predictions.pred_score.to_numpy(), run.predictions.gt_label.to_numpy()
+    normal, abnormal = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
+    false_alarms = normal[np.argsort(-scores[normal], kind="stable")][:CASES_PER_GALLERY].tolist()
+    misses = abnormal[np.argsort(scores[abnormal], kind="stable")][:CASES_PER_GALLERY].tolist()
+    typical = []
+    for group in (abnormal, normal):
+        if group.size:
+            by_distance = group[np.argsort(np.abs(scores[group] - np.median(scores[group])), kind="stable")]
+            typical += [int(i) for i in by_distance[: CASES_PER_GALLERY // 2] if int(i) not in typical]
+    return [
+        ("False alarms: the highest-scoring normal test images", false_alarms),
+        ("Misses: the lowest-scoring abnormal test images", misses),
+        ("Typical cases: abnormal and normal test images nearest their class's median score", typical),
+    ]
+
+
+def _colour_scale(run: RunData) -> tuple[float, float]:
+    labels = run.predictions.gt_label.to_numpy()
+    keys = {i: f"map_{i}" for i in range(len(labels)) if f"map_{i}" in run.thumbnails}
+    maps = {i: run.thumbnails[key].astype(np.float64) for i, key in keys.items()}
+    if not maps:
+        return 0.0, 1.0
+    normal = [values for i, values in maps.items() if labels[i] == 0] or list(maps.values())
+    low = float(np.percentile(np.concatenate([m.ravel() for m in normal]), MAP_LOW_PERCENTILE))
+    high = float(np.percentile(np.concatenate([m.ravel() for m in maps.values()]), MAP_HIGH_PERCENTILE))
+    return low, max(high, low + 1e-12)
+
+
+def _plot_cases(
+    run: RunData, indices: list[int], threshold: float | None, scale: tuple[float, float], path: Path
+) -> None:
+    figure, axes = plt.subplots(2, len(indices), figsize=(2.4 * len(indices) + 0.8, 5.2), squeeze=False)
+    mappable = None
+    for column, index in enumerate(indices):
+        row = run.predictions.iloc[index]
+        image = run.thumbnails[f"image_{index}"]
+        mask = run.thumbnails.get(f"mask_{index}")
+        heat = run.thumbnails.get(f"map_{index}")
+        box = run.thumbnails.get(f"box_{index}")
+        top, bottom = axes[0, column], axes[1, column]
+        top.imshow(image, cmap="gray" if image.ndim == 2 else None)
+        bottom.imshow(image, cmap="gray" if image.ndim == 2 else None)
+        if heat is not None:
+            mappable = bottom.imshow(
+                heat.astype(np.float32), cmap=HEATMAP_COLORMAP, vmin=scale[0], vmax=scale[1], alpha=0.5
+            )
+        for axis in (top, bottom):
+            if mask is not None and mask.any():
+                axis.contour(mask.astype(float), levels=[0.5], colors="lime", linewidths=1.2)
+            if box is not None:
+                y, x, height, width = box
+                axis.add_patch(
+                    Rectangle((x - 0.5, y - 0.5), width, height, fill=False, edgecolor="white", linestyle="--", lw=0.8)
+                )
+            axis.set_axis_off()
+        flagged = threshold is not None and np.isfinite(threshold) and row.pred_score > threshold
+        verdict = "flagged" if flagged else "not flagged"
+        label = "abnormal" if int(row.gt_label) == 1 else "normal"
+        name = Path(str(row.image_path)).name
+        title = f"{name[:28]}\n{label}; score {row.pred_score:.4g}\n(threshold {_fmt(threshold)}: {verdict})"
+        top.set_title(title, fontsize=7)
+    if mappable is not None:
+        figure.colorbar(mappable, ax=axes[1, :].tolist(), shrink=0.8, label="raw anomaly map")
+    figure.savefig(path, dpi=90, bbox_inches="tight")
+    plt.close(figure)
+
+
+def _page(body: str) -> str:
+    style = (
+        "body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1180px;"
+        "color:#1d1d1f;line-height:1.4}h1{font-size:1.5em}h2{border-bottom:1px solid #ccc;padding-bottom:4px;"
+        "margin-top:2em}h3{margin-top:1.6em}table{border-collapse:collapse;font-size:.85em;margin:1em 0}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:nth-child(-n+2),th:nth-child(-n+2)"
+        "{text-align:left}caption{caption-side:bottom;text-align:left;color:#555;padding-top:4px}"
+        "figure{margin:1em 0}img{max-width:100%;border:1px solid #eee}figcaption,.note{color:#555;font-size:.85em}"
+    )
+    return (
+        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>Anomaly detection report</title>"
+        f"<style>{style}</style></head><body>\n{body}\n</body></html>\n"
+    )
