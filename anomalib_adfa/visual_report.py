@@ -83,9 +83,9 @@ def find_runs(folder: Path) -> list[RunData]:
             "--trainer.callbacks+=anomalib_adfa.callbacks.EvaluationRecorder (or run the benchmark) first"
         )
         raise FileNotFoundError(msg)
-    names = [run.name for run in runs]
-    for run in runs:  # two runs of one model (anomalib's v0, v1): tell them apart by folder
-        if names.count(run.name) > 1:
+    names = [(run.dataset, run.name) for run in runs]
+    for run in runs:  # two runs of one model on one dataset (anomalib's v0, v1): tell them apart by folder
+        if names.count((run.dataset, run.name)) > 1:
             run.name = f"{run.name} ({run.folder.parent.name})"
     return runs
 
