@@ -5,8 +5,8 @@ subclass, so ``anomalib train --model Adfa`` and ``anomalib.models.get_model("ad
 """
 
 from anomalib_adfa.lightning_model import Adfa
-from anomalib_adfa.post_processing import RankPreservingPostProcessor
+from anomalib_adfa.post_processing import RankPreservingPostProcessor, SpecificityPostProcessor
 from anomalib_adfa.torch_model import AdfaModel
 
-__all__ = ["Adfa", "AdfaModel", "RankPreservingPostProcessor"]
+__all__ = ["Adfa", "AdfaModel", "RankPreservingPostProcessor", "SpecificityPostProcessor"]
 __version__ = "0.1.0"

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 from anomalib import LearningType
 from anomalib.data import Batch
-from anomalib.metrics import AUROC, Evaluator, F1Score
+from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
@@ -35,8 +35,9 @@ from anomalib_adfa.export import install_export_guard
 from anomalib_adfa.feature_cache import FeatureCache, random_transform_reason
 from anomalib_adfa.loss import AdfaLoss
 from anomalib_adfa.mask_frame import FramedPreProcessor, MaskResolution
+from anomalib_adfa.metrics import clinical_test_metrics
 from anomalib_adfa.pixel_metrics import LocalisationEvaluator, pixel_test_metrics
-from anomalib_adfa.post_processing import RankPreservingPostProcessor
+from anomalib_adfa.post_processing import SpecificityPostProcessor
 from anomalib_adfa.soft_topk import TopKMode
 from anomalib_adfa.torch_model import AdfaModel
 
@@ -89,9 +90,11 @@ class Adfa(AnomalibModule):
         cache_features: Reuse frozen-backbone features of training images across epochs.
         cache_max_bytes: Memory budget of the feature cache.
         pre_processor: Pre-processor, or ``True`` for the default one.
-        post_processor: Post-processor, or ``True`` for :class:`RankPreservingPostProcessor`.
-        evaluator: Evaluator, or ``True`` for the default: image AUROC and F1, and where the test set has masks
-            pixel AUROC, AUPRO (FPR limit 0.3), Dice and IoU (see :meth:`configure_evaluator`).
+        post_processor: Post-processor, or ``True`` for :class:`SpecificityPostProcessor` (threshold at 95 %
+            specificity on the validation normals).
+        evaluator: Evaluator, or ``True`` for the default: image AUROC and F1, the clinical image metrics
+            (:func:`~anomalib_adfa.metrics.clinical_test_metrics`) and, where the test set has masks, pixel
+            AUROC, AUPRO (FPR limit 0.3), Dice and IoU (see :meth:`configure_evaluator`).
         visualizer: Visualizer, or ``True`` for anomalib's default.
     """
 
@@ -188,20 +191,18 @@ class Adfa(AnomalibModule):
         return FramedPreProcessor(transform=Compose(steps), mask_resolution=mask_resolution)
 
     def configure_post_processor(self) -> PostProcessor:
-        """Use anomalib's post-processing with an order-preserving normalisation (printed AUROC = raw AUROC)."""
-        return RankPreservingPostProcessor()
+        """Threshold at 95 % specificity on validation normals; order-preserving normalisation (printed AUROC = raw)."""
+        return SpecificityPostProcessor()
 
     @staticmethod
     def configure_evaluator() -> Evaluator:
-        """Image AUROC and F1 (anomalib's defaults) and the localisation metrics of :mod:`.pixel_metrics`.
+        """Clinical image metrics (:func:`~.metrics.clinical_test_metrics`) and pixel metrics (:mod:`.pixel_metrics`).
 
         The pixel metrics (``pixel_AUROC``, ``pixel_AUPRO@fpr0.3``, ``pixel_Dice@<threshold source>``,
-        ``pixel_IoU@<threshold source>``) are computed only when the test batches carry masks.
+        ``pixel_IoU@<threshold source>``) are computed only when the test batches carry masks; they replace the
+        pixel AUROC and F1 of the clinical set (pixel F1 is Dice).
         """
-        image_metrics = [
-            AUROC(fields=["pred_score", "gt_label"], prefix="image_"),
-            F1Score(fields=["pred_label", "gt_label"], prefix="image_"),
-        ]
+        image_metrics = [metric for metric in clinical_test_metrics() if not metric.name.startswith("pixel_")]
         return LocalisationEvaluator(test_metrics=[*image_metrics, *pixel_test_metrics()])
 
     # ------------------------------------------------------------------ training

@@ -9,7 +9,8 @@ Three metrics, all computed from raw anomaly maps of shape ``(N, H, W)`` and bin
 - **Dice / IoU** of the map thresholded at one pixel threshold, pooled over all pixels of all test images
   (``Dice = 2 TP / (2 TP + FP + FN)``, ``IoU = TP / (TP + FP + FN)``). Pooled Dice is the pixel F1 score, so
   anomalib's pixel threshold (:class:`~anomalib.metrics.F1AdaptiveThreshold` on the validation maps) is the
-  threshold maximising Dice on validation; :func:`threshold_label` says where a threshold came from.
+  threshold maximising Dice on validation; ADFA's default post-processor instead puts it at a target
+  specificity on the validation normals' pixels (label-free). :func:`threshold_label` says which.
 
 Confidence intervals resample the test *images* with replacement (pixels of one image are not independent).
 Each replicate's AUROC and AUPRO are computed from per-image histograms over :data:`CI_BINS` score bins (edges
@@ -100,10 +101,14 @@ class LocalisationEvaluator(Evaluator):
 def threshold_label(post_processor: Any, val_split_mode: Any, level: str = "pixel") -> str:
     """Say where a post-processor's pixel (or image) threshold comes from.
 
-    A post-processor may state it itself with a ``pixel_threshold_label`` (``image_threshold_label``) attribute;
-    label-free protocols do. Otherwise anomalib's F1-adaptive threshold maximises the F1 score on the
-    validation set, which for pixels is the pooled Dice: ``val_max_dice`` (``val_max_f1``), or
-    ``test_max_dice`` (``test_max_f1``) when the validation set is the test set (``same_as_test``).
+    - A post-processor may state it with a ``pixel_threshold_label`` (``image_threshold_label``) attribute.
+    - One with a ``target_specificity`` (:class:`~anomalib_adfa.post_processing.SpecificityPostProcessor`) puts
+      the threshold at that specificity on the validation normals, without masks: ``val_spec95`` for 0.95.
+    - Otherwise anomalib's F1-adaptive threshold maximises the F1 score on the validation set, which for pixels
+      is the pooled Dice: ``val_max_dice`` (``val_max_f1``).
+
+    The prefix is ``test_`` instead of ``val_`` when the validation set is the test set (``same_as_test``):
+    the threshold was then chosen on test data.
 
     Args:
         post_processor: The model's post-processor (or ``None``).
@@ -118,6 +123,9 @@ def threshold_label(post_processor: Any, val_split_mode: Any, level: str = "pixe
         return str(own)
     mode = getattr(val_split_mode, "value", val_split_mode)
     split = "test" if mode == "same_as_test" else "val"
+    specificity = getattr(post_processor, "target_specificity", None)
+    if specificity is not None:
+        return f"{split}_spec{round(100 * float(specificity)):d}"
     return f"{split}_max_{'dice' if level == 'pixel' else 'f1'}"
 
 

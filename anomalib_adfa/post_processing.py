@@ -1,4 +1,7 @@
-"""A post-processor whose normalised scores rank exactly like the raw ones, so printed AUROCs are the raw AUROCs.
+"""Post-processors: rank-preserving score normalisation, and operating points at a target specificity.
+
+Normalisation
+-------------
 
 anomalib 2.7's :class:`~anomalib.post_processing.PostProcessor` maps a score ``s`` to
 ``clamp((s - t) / (max - min) + 0.5, 0, 1)``, with ``t`` the F1 threshold and ``min``/``max`` fitted
@@ -13,12 +16,31 @@ which saturates large raw scores to ties instead.
 clamp with a logistic curve that has the same value (0.5) and slope at the threshold:
 ``sigmoid(4 (s - t) / (max - min))``. It is strictly increasing, so AUROC, AUPR and PRO computed on
 its output equal those of the raw scores (up to float32 resolution far outside the fitted range).
+
+Operating point
+---------------
+:class:`SpecificityPostProcessor` (ADFA's default) keeps that normalisation but replaces anomalib's F1
+threshold, which needs anomalous validation images and is test-calibrated under ``same_as_test``, by a
+threshold fitted on the validation set's *normal* images only (:class:`NormalQuantileThreshold`): a
+``pred_label`` of 1 then means "scores above the ``target_specificity`` quantile of unseen normal
+images". Everything that applies anomalib's post-processor inherits it: ``anomalib test``/``predict``,
+:class:`~anomalib_adfa.callbacks.ScoreCSVWriter` and the ONNX/OpenVINO exports (anomalib bakes the
+post-processor's buffers into the exported graph).
 """
 
 from __future__ import annotations
 
+import logging
+import math
+from typing import Any
+
 import torch
+from anomalib.metrics import AnomalibMetric
+from anomalib.metrics.threshold import Threshold
 from anomalib.post_processing import PostProcessor
+from torchmetrics.utilities.data import dim_zero_cat
+
+logger = logging.getLogger(__name__)
 
 # The logistic's slope at 0 is 1/4; this factor makes the slope at the threshold 1 / (max - min), as anomalib's.
 _SLOPE = 4.0
@@ -64,3 +86,187 @@ class RankPreservingPostProcessor(PostProcessor):
         normalized = torch.sigmoid(_SLOPE * (preds.double() - threshold.double()) / scale).to(preds.dtype)
         fitted = ~torch.isnan(norm_min) & ~torch.isnan(norm_max)
         return torch.where(fitted, normalized, preds)
+
+
+def quantile_rank(count: int, target_specificity: float) -> int:
+    """1-based rank ``k = ceil(q n)`` (clipped to ``[1, n]``) of the order statistic used as threshold.
+
+    The tolerance keeps ``q n = 19.000000000000004`` (0.95 * 20 in floating point) at ``k = 19``.
+    """
+    return min(count, max(1, math.ceil(target_specificity * count - 1e-9)))
+
+
+def normal_quantile_threshold(normal_scores: torch.Tensor, target_specificity: float) -> torch.Tensor:
+    """Return the smallest normal score ``t`` with at least ``target_specificity`` of the normal scores ``<= t``.
+
+    With ``n`` normal scores sorted as ``s_(1) <= ... <= s_(n)``, ``t = s_(k)`` for ``k = ceil(q n)``: the
+    lower empirical ``q``-quantile (the inverse of the empirical CDF, numpy's ``method="inverted_cdf"``).
+    A score is abnormal when it is strictly greater than ``t`` (anomalib's ``pred > threshold``), so a score
+    equal to ``t`` is normal and the specificity on these scores is ``#{s_i <= t} / n >= q``: exactly ``k / n``
+    without ties, more with ties at ``t``. ``k`` is at most ``n``; when ``q > (n - 1) / n`` the threshold is
+    the largest normal score.
+
+    Args:
+        normal_scores: Scores of normal images (or pixels), any shape.
+        target_specificity: ``q`` in (0, 1).
+
+    Returns:
+        The threshold, a 0-d tensor of ``normal_scores``' dtype.
+    """
+    flat = normal_scores.flatten()
+    return torch.kthvalue(flat.cpu(), quantile_rank(flat.numel(), target_specificity)).values.to(normal_scores.device)
+
+
+class _NormalQuantileThreshold(Threshold):
+    """Threshold at a target specificity on the normal images of the validation set.
+
+    ``update(preds, labels)`` keeps ``preds`` of images with ``labels == 0``: image scores ``(B,)`` for the
+    image threshold, or anomaly maps ``(B, 1, H, W)`` for the pixel threshold (every pixel of a normal image
+    counts as a normal pixel). ``compute`` applies :func:`normal_quantile_threshold`.
+
+    Args:
+        target_specificity: Fraction of validation normals (images or pixels) to keep below the threshold.
+        unit: ``"image"`` or ``"pixel"``, used in messages.
+    """
+
+    full_state_update = False
+
+    def __init__(self, target_specificity: float = 0.95, unit: str = "image", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.target_specificity = check_specificity(target_specificity)
+        self.unit = unit
+        self.add_state("normal_preds", default=[], dist_reduce_fx="cat")
+        self.add_state("seen", default=torch.tensor(0), dist_reduce_fx="sum")
+        self.normal_preds: list[torch.Tensor]
+        self.seen: torch.Tensor
+        self.num_normal = 0
+        self.achieved_specificity = float("nan")
+
+    def update(self, preds: torch.Tensor, labels: torch.Tensor) -> None:
+        """Keep the predictions of the normal images of a batch.
+
+        Args:
+            preds: ``(B,)`` scores or ``(B, ...)`` anomaly maps.
+            labels: ``(B,)`` image labels, 0 for normal.
+        """
+        normal = labels.reshape(-1) == 0
+        self.seen += labels.numel()
+        self.normal_preds.append(preds.reshape(labels.numel(), -1)[normal].detach().flatten())
+
+    def compute(self) -> torch.Tensor:
+        """Compute the threshold; warn when the validation normals are too few to resolve the target specificity.
+
+        Raises:
+            ValueError: When the validation set had no normal image.
+        """
+        scores = dim_zero_cat(self.normal_preds) if self.normal_preds else torch.empty(0)
+        if scores.numel() == 0:
+            msg = (
+                f"cannot set the {self.unit} threshold at specificity {self.target_specificity}: the validation set "
+                f"({int(self.seen)} images) has no normal image. Use a validation protocol that holds out normal "
+                "images (val_split_mode=from_train or synthetic)"
+            )
+            raise ValueError(msg)
+        images = scores.numel() if self.unit == "image" else None
+        if images is not None and images * (1 - self.target_specificity) < 1:
+            needed = math.ceil(1 / (1 - self.target_specificity) - 1e-9)
+            logger.warning(
+                "Only %d normal validation images: specificity can be set in steps of 1/%d = %.3f, so the %s "
+                "threshold is the largest normal validation score (validation specificity 1.0) and test specificity "
+                "is expected near %d/%d = %.3f rather than %s; target %s needs at least %d normal validation images",
+                images,
+                images,
+                1 / images,
+                self.unit,
+                images,
+                images + 1,
+                images / (images + 1),
+                self.target_specificity,
+                self.target_specificity,
+                needed,
+            )
+        threshold = normal_quantile_threshold(scores, self.target_specificity)
+        self.num_normal = int(scores.numel())
+        self.achieved_specificity = float((scores <= threshold).double().mean())
+        return threshold
+
+
+class NormalQuantileThreshold(AnomalibMetric, _NormalQuantileThreshold):  # type: ignore[misc]
+    """:class:`_NormalQuantileThreshold` reading its inputs from anomalib batches (``fields`` = preds, labels)."""
+
+
+def check_specificity(value: float) -> float:
+    """Return ``value`` as a float, or raise a clear error when it is not strictly between 0 and 1."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
+        msg = f"target_specificity must be a number strictly between 0 and 1 (e.g. 0.95), got {value!r}"
+        raise ValueError(msg)
+    return float(value)
+
+
+class SpecificityPostProcessor(RankPreservingPostProcessor):
+    """Operating points fixed on validation normals: thresholds at a target specificity, rank-preserving scores.
+
+    Fitting (on each validation epoch):
+
+    - image threshold (``image_threshold``, raw score scale): :func:`normal_quantile_threshold` of the
+      ``pred_score`` of the validation images with ``gt_label == 0``;
+    - pixel threshold (``pixel_threshold``, raw anomaly-map scale): the same quantile over every pixel of
+      the ``anomaly_map`` of those normal images. No mask is used, so it is label-free too;
+    - normalisation range (``image_min``/``image_max``, ``pixel_min``/``pixel_max``): anomalib's, over all
+      validation images (including synthetic anomalies).
+
+    Output: normalised scores ``sigmoid(4 (s - t) / (max - min))`` (0.5 at the threshold, same ranking as
+    the raw scores), ``pred_label = pred_score > 0.5`` (i.e. raw score ``> image_threshold``) and
+    ``pred_mask = anomaly_map > 0.5`` (raw map ``> pixel_threshold``). A score equal to the threshold is
+    normal. ``normalized_image_threshold``/``normalized_pixel_threshold`` are 0.5 (anomalib's
+    ``1 - sensitivity``; leave ``image_sensitivity``/``pixel_sensitivity`` at 0.5 to keep the target).
+    After fitting, ``image_threshold_stats``/``pixel_threshold_stats`` hold the number of normal
+    validation images (or pixels) and the specificity achieved on them (``>= target_specificity``).
+
+    Validation sets with abnormal images (``synthetic``, or ``same_as_test``): the thresholds still come
+    from the normal images alone, so they do not depend on which or how many anomalies are present; under
+    ``same_as_test`` the normal images are test images and the operating point is test-calibrated.
+
+    Args:
+        target_specificity: Fraction of validation normals to keep below the thresholds, in (0, 1).
+        **kwargs: anomalib :class:`~anomalib.post_processing.PostProcessor` options.
+
+    Raises:
+        ValueError: For a ``target_specificity`` outside (0, 1); at fitting, when the validation set has no
+            normal image. Too few normals for the target (``n (1 - q) < 1``, e.g. 0.99 with 12) log a
+            warning naming the achievable resolution ``1/n``.
+
+    Example:
+        >>> from anomalib.models import Padim
+        >>> model = Padim(post_processor=SpecificityPostProcessor(target_specificity=0.9))
+
+        From the CLI: ``--model.post_processor anomalib_adfa.SpecificityPostProcessor
+        --model.post_processor.target_specificity 0.9``.
+    """
+
+    def __init__(self, target_specificity: float = 0.95, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.target_specificity = check_specificity(target_specificity)
+        self._image_threshold_metric = NormalQuantileThreshold(
+            target_specificity=self.target_specificity, unit="image", fields=["pred_score", "gt_label"], strict=False
+        )
+        self._pixel_threshold_metric = NormalQuantileThreshold(
+            target_specificity=self.target_specificity, unit="pixel", fields=["anomaly_map", "gt_label"], strict=False
+        )
+        self.image_threshold_stats: dict[str, float] = {}
+        self.pixel_threshold_stats: dict[str, float] = {}
+
+    @property
+    def _checkpoint_config_keys(self) -> tuple[str, ...]:
+        return (*super()._checkpoint_config_keys, "target_specificity")
+
+    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        """Fit the thresholds and the normalisation, and keep the thresholds' validation statistics."""
+        image_metric, pixel_metric = self._image_threshold_metric, self._pixel_threshold_metric
+        image_metric.target_specificity = pixel_metric.target_specificity = check_specificity(self.target_specificity)
+        fit_image, fit_pixel = image_metric.update_called, pixel_metric.update_called
+        super().on_validation_epoch_end(trainer, pl_module)
+        for fitted, metric, name in ((fit_image, image_metric, "image"), (fit_pixel, pixel_metric, "pixel")):
+            if fitted and self.enable_thresholding:
+                stats = {"normal_count": metric.num_normal, "val_specificity": metric.achieved_specificity}
+                setattr(self, f"{name}_threshold_stats", stats)

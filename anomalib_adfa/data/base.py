@@ -4,33 +4,52 @@ A dataset module only declares its layout and its split rule (:meth:`MedicalData
 finding the folders, listing the images and their masks, checking the files, building anomalib's
 samples table and loading items happen here.
 
-Validation design:
-    anomalib's usual default, ``val_split_mode="from_test"``, moves half of the test images into a
-    validation set, so the test set would no longer be the paper's (Table 2). These datamodules
-    default to ``val_split_mode="same_as_test"``: the test split is exactly the paper's and the
-    validation set is a copy of it, with normal and abnormal images, on which the post-processor fits
-    its score normalisation and F1 threshold. Normalised scores then lie in [0, 1], so torchmetrics
-    does not push raw, unbounded scores through a sigmoid (which saturates them to ties).
+Validation protocols (``val_split_mode``):
+    ``from_train`` (default)
+        A seeded fraction (``val_split_ratio``, default 0.5) of the training normals is held out
+        (:func:`~anomalib_adfa.data.split.seeded_partition`, so the same images on every machine). The
+        post-processor fits its score normalisation and its operating point (a threshold at a target
+        specificity, :class:`~anomalib_adfa.post_processing.SpecificityPostProcessor`) on these unseen
+        normal images: no test image and no real anomaly is used.
+    ``synthetic``
+        The same held-out normals, half of them turned into synthetic anomalies by anomalib's own
+        :class:`~anomalib.data.utils.synthetic.SyntheticAnomalyDataset` (Perlin-noise blends, generated
+        under a fork of the random state seeded with ``seed``, so reproducible). The threshold still
+        comes from the held-out normal half; the synthetic anomalies give a validation AUROC for
+        label-free model selection (:class:`~anomalib_adfa.callbacks.LabelFreeCheckpoint`).
+    ``same_as_test`` (the paper's protocol)
+        All training normals train and the validation set is a copy of the test split. Reproduces
+        Table 1; its thresholds are test-calibrated, so ``pred_label`` and every thresholded metric
+        are optimistic. ``--data.val_split_mode same_as_test``.
 
-    That alone does not make the printed ``image_AUROC`` the raw scores' AUROC: anomalib 2.7's
-    post-processor clamps scores more than half the fitted range away from the threshold, which
-    creates ties. Use :class:`~anomalib_adfa.post_processing.RankPreservingPostProcessor` with
-    anomalib's own models (``--model.post_processor anomalib_adfa.RankPreservingPostProcessor``)
-    for an exact printed AUROC; ``tests/data/test_data_metrics.py`` checks the equality end to end.
+    The test split is the paper's in every protocol; ``from_test`` (anomalib's usual default) would
+    move half of it into validation and is still accepted. :meth:`MedicalDataModule.setup` logs and
+    prints the protocol and the train / validation / test counts, and :attr:`MedicalDataModule.protocol`
+    holds them for the run folder (:class:`~anomalib_adfa.callbacks.ProtocolRecorder`) and the benchmark.
+
+    Every normalisation used here is strictly increasing
+    (:class:`~anomalib_adfa.post_processing.RankPreservingPostProcessor`), so the printed
+    ``image_AUROC`` is the raw scores' AUROC under every protocol; ``tests/data/test_data_metrics.py``
+    checks the equality end to end.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
+from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
+import numpy as np
 import torch
 from anomalib import TaskType
 from anomalib.data.dataclasses import ImageItem
 from anomalib.data.datamodules.base.image import AnomalibDataModule
 from anomalib.data.datasets.base.image import AnomalibDataset
+from anomalib.data.utils.synthetic import SyntheticAnomalyDataset
 from anomalib.data.utils import LabelName, Split, TestSplitMode, ValSplitMode
 from pandas import DataFrame
 from torchvision.tv_tensors import Mask
@@ -40,8 +59,7 @@ from anomalib_adfa.data.layout import DatasetLayout, ImageEntry, layout_error, l
 from anomalib_adfa.data.split import seeded_partition
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping, Sequence
-    from fractions import Fraction
+    from collections.abc import Iterable, Iterator, Mapping, Sequence
 
     from torchvision.transforms.v2 import Transform
 
@@ -236,13 +254,16 @@ class MedicalDataModule(AnomalibDataModule):
         val_augmentations: Augmentations of validation images.
         test_augmentations: Augmentations of test images.
         augmentations: Augmentations of any split without its own.
-        val_split_mode: Where the validation set comes from. ``same_as_test`` (default) keeps the test split
-            exactly the paper's and lets the post-processor fit its normalisation and threshold on normal and
-            abnormal images; ``from_test`` would move part of the test split into validation.
-        val_split_ratio: Fraction used by the ``from_test``, ``from_train`` and ``synthetic`` modes.
+        val_split_mode: Validation protocol (see the module docstring): ``from_train`` (default; held-out
+            training normals), ``synthetic`` (held-out normals, half turned into synthetic anomalies),
+            ``same_as_test`` (the paper's; reproduces Table 1, its thresholds are test-calibrated),
+            ``from_test`` or ``none``.
+        val_split_ratio: Fraction of the training normals held out by ``from_train`` and ``synthetic`` (of the
+            test images for ``from_test``).
 
     Raises:
-        ValueError: For ``val_split_mode="from_dir"``: these datasets have no validation folder.
+        ValueError: For ``val_split_mode="from_dir"`` (these datasets have no validation folder), or a
+            ``val_split_ratio`` outside (0, 1) for a mode that uses it.
     """
 
     dataset_class: ClassVar[type[MedicalDataset]]
@@ -259,12 +280,18 @@ class MedicalDataModule(AnomalibDataModule):
         val_augmentations: Transform | None = None,
         test_augmentations: Transform | None = None,
         augmentations: Transform | None = None,
-        val_split_mode: ValSplitMode | str = ValSplitMode.SAME_AS_TEST,
+        val_split_mode: ValSplitMode | str = ValSplitMode.FROM_TRAIN,
         val_split_ratio: float = 0.5,
     ) -> None:
         val_split_mode = ValSplitMode(val_split_mode)
         if val_split_mode == ValSplitMode.FROM_DIR:
-            msg = f"{type(self).__name__} has no validation folder; use same_as_test, from_test, from_train or none"
+            msg = (
+                f"{type(self).__name__} has no validation folder; use from_train, synthetic, same_as_test, "
+                "from_test or none"
+            )
+            raise ValueError(msg)
+        if val_split_mode in _RATIO_MODES and not 0 < val_split_ratio < 1:
+            msg = f"val_split_ratio must be in (0, 1) for val_split_mode={val_split_mode.value}, got {val_split_ratio}"
             raise ValueError(msg)
         super().__init__(
             train_batch_size=train_batch_size,
@@ -298,3 +325,104 @@ class MedicalDataModule(AnomalibDataModule):
         self.test_data = dataset.subsample(list(samples.index[samples.split == Split.TEST.value]))
         self.train_data.split = Split.TRAIN
         self.test_data.split = Split.TEST
+
+    def _create_val_split(self) -> None:
+        """anomalib's validation split, with a seeded, machine-independent hold-out of training normals.
+
+        anomalib's ``from_train``/``synthetic`` draw the hold-out with torch's generator; here it is
+        :func:`~anomalib_adfa.data.split.seeded_partition` of the image paths, as for the train/test split.
+        ``synthetic`` then hands the held-out normals to anomalib's ``SyntheticAnomalyDataset`` (which picks
+        the half to corrupt with numpy's and torch's global generators), run under a fork of both seeded
+        with :attr:`seed` so the synthetic images do not depend on the training's random state.
+        """
+        if self.val_split_mode not in (ValSplitMode.FROM_TRAIN, ValSplitMode.SYNTHETIC):
+            super()._create_val_split()
+        else:
+            self.train_data, normal_val = self._hold_out_normals(self.train_data)
+            if self.val_split_mode == ValSplitMode.FROM_TRAIN:
+                self.val_data = normal_val
+            else:
+                with _seeded_global_rngs(self.seed):
+                    self.val_data = SyntheticAnomalyDataset.from_dataset(normal_val)
+            self.val_data.split = Split.VAL
+        self.protocol = self._describe_protocol()
+        summary = ", ".join(f"{key} {value}" for key, value in self.protocol.items())
+        logger.info("%s: %s", type(self).__name__, summary)
+        print(f"{type(self).__name__}: {summary}")
+        self._write_protocol()
+
+    def _write_protocol(self) -> None:
+        """Save :attr:`protocol` as ``protocol.json`` in the trainer's run folder, when attached to a trainer."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or not trainer.is_global_zero:
+            return
+        folder = Path(trainer.default_root_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / PROTOCOL_FILE).write_text(json.dumps(self.protocol, indent=2) + "\n")
+
+    def state_dict(self) -> dict[str, Any]:
+        """What Lightning stores in checkpoints for this datamodule: the validation protocol and counts."""
+        return {"protocol": dict(getattr(self, "protocol", {}))}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep the protocol a checkpoint was trained with as :attr:`trained_protocol` (the splits are rebuilt)."""
+        self.trained_protocol = dict(state_dict.get("protocol", {}))
+
+    def _hold_out_normals(self, dataset: MedicalDataset) -> tuple[MedicalDataset, MedicalDataset]:
+        """Split the training set into (kept, held out), holding out ``val_split_ratio`` of its images."""
+        samples = dataset.samples
+        keys = {Path(path).relative_to(dataset.root).as_posix(): index for index, path in samples.image_path.items()}
+        ratio = Fraction(str(self.val_split_ratio))
+        held_out, kept = seeded_partition(keys, [ratio, 1 - ratio], self.seed)
+        if not held_out or not kept:
+            msg = (
+                f"val_split_ratio={self.val_split_ratio} of {len(keys)} training images under '{self.root}' leaves "
+                f"{len(kept)} to train and {len(held_out)} to validate; both need at least one image"
+            )
+            raise ValueError(msg)
+        return dataset.subsample([keys[key] for key in kept]), dataset.subsample([keys[key] for key in held_out])
+
+    def _describe_protocol(self) -> dict[str, Any]:
+        """Protocol in force and the image counts of each split (what :meth:`setup` prints)."""
+
+        def counts(dataset: AnomalibDataset | None) -> tuple[int, int]:
+            if dataset is None:
+                return 0, 0
+            abnormal = int((dataset.samples.label_index == LabelName.ABNORMAL).sum())
+            return len(dataset.samples) - abnormal, abnormal
+
+        (train_normal, _), (val_normal, val_abnormal), (test_normal, test_abnormal) = (
+            counts(getattr(self, name, None)) for name in ("train_data", "val_data", "test_data")
+        )
+        protocol = {
+            "val_split_mode": self.val_split_mode.value,
+            "val_split_ratio": self.val_split_ratio if self.val_split_mode in _RATIO_MODES else None,
+            "seed": self.seed,
+            "train_normal": train_normal,
+            "val_normal": val_normal,
+            "val_abnormal": val_abnormal,
+            "test_normal": test_normal,
+            "test_abnormal": test_abnormal,
+        }
+        if self.val_split_mode in (ValSplitMode.SAME_AS_TEST, ValSplitMode.FROM_TEST):
+            protocol["note"] = "validation images are test images: thresholds are test-calibrated"
+        return protocol
+
+
+PROTOCOL_FILE = "protocol.json"
+"""Name of the validation-protocol record written to the run folder (next to ``weights/``)."""
+
+_RATIO_MODES = (ValSplitMode.FROM_TRAIN, ValSplitMode.SYNTHETIC, ValSplitMode.FROM_TEST)
+
+
+@contextmanager
+def _seeded_global_rngs(seed: int) -> Iterator[None]:
+    """Run a block with numpy's and torch's global generators seeded, restoring both afterwards."""
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            yield
+    finally:
+        np.random.set_state(state)

@@ -29,7 +29,7 @@ def test_config_builds_its_datamodule(name: str, expected: type, tmp_path: Path)
     assert datamodule.root == tmp_path
     assert datamodule.seed == 213
     assert datamodule.num_workers == 0
-    assert datamodule.val_split_mode == ValSplitMode.SAME_AS_TEST
+    assert datamodule.val_split_mode == ValSplitMode.FROM_TRAIN
 
 
 def test_anomalib_cli_resolves_the_class_paths(tmp_path: Path) -> None:
