@@ -130,6 +130,7 @@ class EvaluationRecorder(Callback):
         super().__init__()
         self.save = save
         self.label = label
+        self.summary_path: Path | None = None
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.thumbnail_size = thumbnail_size
         self._reset()
@@ -220,7 +221,15 @@ class EvaluationRecorder(Callback):
         np.savez_compressed(folder / "thumbnails.npz", **self._thumbnails)
         summary = _run_summary(trainer, pl_module)
         summary["label"] = self.label or summary["model"]
-        (folder / "run.json").write_text(json.dumps(summary, indent=2))
+        self.summary_path = folder / "run.json"
+        self.summary_path.write_text(json.dumps(summary, indent=2))
+
+    def add_to_summary(self, **fields: Any) -> None:
+        """Add fields to the saved ``run.json`` (e.g. metrics computed after testing); nothing when not saved."""
+        if self.summary_path is None:
+            return
+        summary = json.loads(self.summary_path.read_text())
+        self.summary_path.write_text(json.dumps({**summary, **fields}, indent=2, default=str))
 
 
 def _frame_geometry(pl_module: LightningModule) -> tuple[tuple[int, int], tuple[int, int] | None] | None:

@@ -105,7 +105,8 @@ def threshold_label(post_processor: Any, val_split_mode: Any, level: str = "pixe
     - One with a ``target_specificity`` (:class:`~anomalib_adfa.post_processing.SpecificityPostProcessor`) puts
       the threshold at that specificity on the validation normals, without masks: ``val_spec95`` for 0.95.
     - Otherwise anomalib's F1-adaptive threshold maximises the F1 score on the validation set, which for pixels
-      is the pooled Dice: ``val_max_dice`` (``val_max_f1``).
+      is the pooled Dice: ``val_max_dice`` (``val_max_f1``). A ``from_train`` validation set has no anomalies
+      to maximise it on, and anomalib then takes the highest validation value: ``val_normal_max``.
 
     The prefix is ``test_`` instead of ``val_`` when the validation set is the test set (``same_as_test``):
     the threshold was then chosen on test data.
@@ -126,6 +127,8 @@ def threshold_label(post_processor: Any, val_split_mode: Any, level: str = "pixe
     specificity = getattr(post_processor, "target_specificity", None)
     if specificity is not None:
         return f"{split}_spec{round(100 * float(specificity)):d}"
+    if mode == "from_train":
+        return "val_normal_max"
     return f"{split}_max_{'dice' if level == 'pixel' else 'f1'}"
 
 

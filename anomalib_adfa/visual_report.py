@@ -99,12 +99,13 @@ def _load(data_dir: Path) -> RunData:
     return RunData(data_dir, name, str(info.get("dataset") or "dataset"), info, predictions, thumbnails)
 
 
-def write_report(folder: Path, output: Path | None = None) -> Path:
+def write_report(folder: Path, output: Path | None = None, title: str | None = None) -> Path:
     """Write ``index.html`` and its PNG figures for every run below ``folder``.
 
     Args:
         folder: The run folder.
         output: Output folder, default ``<folder>/report``.
+        title: Page title, default the run folder's name.
 
     Returns:
         The HTML file.
@@ -113,11 +114,12 @@ def write_report(folder: Path, output: Path | None = None) -> Path:
     output = Path(output) if output is not None else Path(folder) / "report"
     output.mkdir(parents=True, exist_ok=True)
     body = [
-        f"<h1>Anomaly detection report: {html.escape(Path(folder).resolve().name)}</h1>",
+        f"<h1>Anomaly detection report: {html.escape(title or Path(folder).resolve().name)}</h1>",
         f"<p class='note'>Generated {datetime.now(UTC):%Y-%m-%d %H:%M} UTC from {len(runs)} run(s) in "
         f"<code>{html.escape(str(Path(folder).resolve()))}</code>. Scores are the models' raw image scores; "
         "thresholds are the post-processors' raw thresholds, labelled with where they were chosen "
-        "(<code>test_max_f1</code>: the F1-maximising threshold on the test set, i.e. test-calibrated).</p>",
+        "(<code>val_spec95</code>: 95 % specificity on validation normals; <code>test_…</code>: chosen on the "
+        "test set, i.e. test-calibrated).</p>",
         _metrics_table(runs),
     ]
     for dataset in dict.fromkeys(run.dataset for run in runs):
@@ -132,22 +134,64 @@ def write_report(folder: Path, output: Path | None = None) -> Path:
     return page
 
 
+# Summary columns: heading, then the logged metric names that fill it (first found; Dice/IoU carry a suffix).
+_SUMMARY_COLUMNS = (
+    ("pixel AUROC", ("pixel_AUROC",)),
+    ("AUPRO (FPR ≤ 0.3)", ("pixel_AUPRO",)),
+    ("Dice", ("pixel_Dice", "pixel_F1Score")),
+    ("IoU", ("pixel_IoU",)),
+)
+
+
+def _pixel_values(run: RunData) -> dict[str, str]:
+    """Pixel metrics of a run: the benchmark's (with 95 % CIs) when saved, else the logged ones."""
+    saved = run.info.get("pixel_metrics")
+    if saved:
+        names = ("pixel_AUROC", "pixel_AUPRO", "pixel_Dice", "pixel_IoU")
+        values = {
+            heading: f"{saved[name]:.3f} [{saved[f'{name}_ci_low']:.3f}, {saved[f'{name}_ci_high']:.3f}]"
+            for (heading, _), name in zip(_SUMMARY_COLUMNS, names, strict=True)
+        }
+        return {**values, "threshold": str(saved.get("pixel_threshold_source", ""))}
+    metrics = run.info.get("metrics", {})
+    values = {"threshold": ""}
+    for heading, prefixes in _SUMMARY_COLUMNS:
+        found = [name for prefix in prefixes for name in metrics if name.split("@")[0] == prefix]
+        values[heading] = f"{metrics[found[0]]:.3f}" if found else "-"
+        if found and "@" in found[0]:
+            values["threshold"] = found[0].split("@", 1)[1]
+    return values
+
+
 def _metrics_table(runs: list[RunData]) -> str:
-    names = sorted({name for run in runs for name in run.info.get("metrics", {})})
-    header = "".join(f"<th>{html.escape(name)}</th>" for name in ["Dataset", "Run", "Test images", *names])
+    headings = ["Dataset", "Run", "Test images", "image AUROC", *(h for h, _ in _SUMMARY_COLUMNS), "Dice/IoU threshold"]
     rows = []
     for run in runs:
-        metrics = run.info.get("metrics", {})
-        cells = [run.dataset, run.name, f"{len(run.predictions)} ({int(run.predictions.gt_label.sum())} abnormal)"]
-        cells += [f"{metrics[name]:.3f}" if name in metrics else "-" for name in names]
+        labels, scores = run.predictions.gt_label.to_numpy(), run.predictions.pred_score.to_numpy()
+        image_auroc = f"{roc_auc_score(labels, scores):.3f}" if len(set(labels.tolist())) == 2 else "-"
+        pixel = _pixel_values(run)
+        cells = [run.dataset, run.name, f"{len(labels)} ({int(labels.sum())} abnormal)", image_auroc]
+        cells += [pixel[heading] for heading, _ in _SUMMARY_COLUMNS] + [pixel["threshold"]]
         rows.append("<tr>" + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in cells) + "</tr>")
+    header = "".join(f"<th>{html.escape(heading)}</th>" for heading in headings)
     resolution = ", ".join(sorted({str(run.info.get("mask_resolution", "input")) for run in runs}))
     caption = (
-        f"Test metrics as logged at test time. Masks compared at the {resolution} resolution "
-        "(input: after resize and centre crop; original: in the image's frame). pixel_AUPRO@fpr0.3: AUPRO up to "
-        "a false-positive rate of 0.3. Dice/IoU suffixes name the pixel threshold's source."
+        "Image AUROC from the raw scores. Pixel metrics from the raw maps, with 95 % bootstrap CIs over images where "
+        f"the benchmark computed them, else as logged at test time; masks compared at the {resolution} resolution "
+        "(input: after resize and centre crop; original: in the image's frame). AUPRO: anomalib's, up to a "
+        "pixel false-positive rate of 0.3. Dice/IoU threshold: where the pixel threshold was chosen "
+        "(<code>val_spec95</code>: 95 % specificity on validation normals, label-free; <code>test_…</code>: on "
+        "the test set, so optimistic)."
     )
     return f"<table><caption>{caption}</caption><tr>{header}</tr>{''.join(rows)}</table>"
+
+
+def _logged_metrics(run: RunData) -> str:
+    metrics = run.info.get("metrics", {})
+    if not metrics:
+        return ""
+    rows = "".join(f"<tr><td>{html.escape(name)}</td><td>{value:.4f}</td></tr>" for name, value in metrics.items())
+    return f"<details><summary>All metrics logged at test time</summary><table>{rows}</table></details>"
 
 
 def _figure(source: str, caption: str) -> str:
@@ -182,6 +226,7 @@ def _run_section(run: RunData, output: Path) -> list[str]:
         f"<h3>{html.escape(run.name)}</h3>",
         f"<p class='note'>Image threshold {_fmt(threshold)} ({html.escape(source)}); pixel threshold "
         f"{_fmt(run.info.get('pixel_threshold'))} ({html.escape(run.info.get('pixel_threshold_source', ''))}).</p>",
+        _logged_metrics(run),
         _figure(hist, "Raw image scores of the normal and abnormal test images, with the image threshold"),
     ]
     low, high = _colour_scale(run)
@@ -253,7 +298,11 @@ def _colour_scale(run: RunData) -> tuple[float, float]:
 def _plot_cases(
     run: RunData, indices: list[int], threshold: float | None, scale: tuple[float, float], path: Path
 ) -> None:
-    figure, axes = plt.subplots(2, len(indices), figsize=(2.4 * len(indices) + 0.8, 5.2), squeeze=False)
+    height, width = run.thumbnails[f"image_{indices[0]}"].shape[:2]
+    panel = 2.3
+    figure, axes = plt.subplots(
+        2, len(indices), figsize=(panel * len(indices) + 0.9, 2 * panel * height / width + 0.9), squeeze=False
+    )
     mappable = None
     for column, index in enumerate(indices):
         row = run.predictions.iloc[index]
@@ -283,8 +332,9 @@ def _plot_cases(
         name = Path(str(row.image_path)).name
         title = f"{name[:28]}\n{label}; score {row.pred_score:.4g}\n(threshold {_fmt(threshold)}: {verdict})"
         top.set_title(title, fontsize=7)
+    figure.subplots_adjust(wspace=0.04, hspace=0.04)
     if mappable is not None:
-        figure.colorbar(mappable, ax=axes[1, :].tolist(), shrink=0.8, label="raw anomaly map")
+        figure.colorbar(mappable, ax=axes[1, :].tolist(), shrink=0.9, label="raw anomaly map", pad=0.02)
     figure.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(figure)
 

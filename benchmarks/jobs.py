@@ -287,7 +287,9 @@ class MedicalBenchmarkJob(BenchmarkJob):
         result = pixel_metrics(
             torch.cat(maps.maps), torch.cat(maps.masks), threshold, paths=maps.paths, labels=maps.labels
         )
-        return result.as_dict(source)
+        columns = result.as_dict(source)
+        maps.add_to_summary(pixel_metrics=columns)
+        return columns
 
     def _run_control(self) -> dict[str, Any]:
         """Score ADFA without training: centres from the untrained descriptor, then the chosen score."""

@@ -311,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_jobs(specs, context, run_dir / "jobs", args.accelerator)
     summary = write_report(run_dir, specs, args, context)
     if context.report_dir is not None and context.report_dir.is_dir():
-        print(f"Visual report: {write_html_report(context.report_dir)}")
+        print(f"Visual report: {write_html_report(context.report_dir, title=f'benchmark run {run_dir.name}')}")
     for _, row in summary[summary.status != "ok"].iterrows():
         print(f"NOT RUN: {row.label} on {row.dataset}: {row.status}: {row.error}")
     print(f"Results in {run_dir}: results.csv, results.md, auroc.png")

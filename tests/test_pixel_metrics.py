@@ -25,6 +25,7 @@ from anomalib_adfa.pixel_metrics import (
     pixel_metrics,
     threshold_label,
 )
+from anomalib_adfa.post_processing import SpecificityPostProcessor
 from anomalib_adfa.synthetic import make_phantom_dataset
 
 
@@ -152,7 +153,10 @@ def test_an_abnormal_image_with_an_empty_mask_is_reported(caplog: pytest.LogCapt
 def test_threshold_labels_name_their_source() -> None:
     assert threshold_label(PostProcessor(), "same_as_test") == "test_max_dice"
     assert threshold_label(PostProcessor(), "synthetic") == "val_max_dice"
-    assert threshold_label(PostProcessor(), "from_train", level="image") == "val_max_f1"
+    assert threshold_label(PostProcessor(), "synthetic", level="image") == "val_max_f1"
+    assert threshold_label(PostProcessor(), "from_train") == "val_normal_max"
+    assert threshold_label(SpecificityPostProcessor(target_specificity=0.9), "from_train") == "val_spec90"
+    assert threshold_label(SpecificityPostProcessor(), "same_as_test", level="image") == "test_spec95"
 
     class LabelFree(PostProcessor):
         pixel_threshold_label = "val_specificity_0.95"
@@ -162,19 +166,23 @@ def test_threshold_labels_name_their_source() -> None:
 
 def test_anomalib_test_prints_the_pixel_metrics(localisation_runs: dict[str, Path]) -> None:
     """ADFA's default evaluator logs them; its pixel AUROC is the raw maps' (scikit-learn, at the model input)."""
+    # The phantom Folder validates on the test set; BUSI holds out training normals (label-free, the default).
+    sources = {"phantom": "test_spec95", "busi_sample": "val_spec95"}
     for name, run in localisation_runs.items():
         metrics = json.loads((run / "metrics.json").read_text())
-        expected = {"pixel_AUROC", "pixel_AUPRO@fpr0.3", "pixel_Dice@test_max_dice", "pixel_IoU@test_max_dice"}
-        assert expected <= set(metrics), (name, metrics)
+        source = sources[name]
+        dice, iou = f"pixel_Dice@{source}", f"pixel_IoU@{source}"
+        assert {"image_AUROC", "pixel_AUROC", "pixel_AUPRO@fpr0.3", dice, iou} <= set(metrics), (name, metrics)
+        assert "pixel_F1Score" not in metrics  # it is pixel_Dice, under its name
         saved = json.loads((run / REPORT_DATA_DIR / "run.json").read_text())
         assert saved["mask_resolution"] == "input"
-        assert saved["pixel_threshold_source"] == "test_max_dice"
+        assert saved["pixel_threshold_source"] == source
         raw = torch.load(run / "raw_maps.pt")
         truth, scores = raw["masks"].flatten().numpy().astype(int), raw["maps"].flatten().numpy()
         assert metrics["pixel_AUROC"] == pytest.approx(roc_auc_score(truth, scores), abs=1e-3), name
         predicted = scores > saved["pixel_threshold"]
-        assert metrics["pixel_Dice@test_max_dice"] == pytest.approx(f1_score(truth, predicted), abs=1e-3), name
-        assert metrics["pixel_IoU@test_max_dice"] == pytest.approx(jaccard_score(truth, predicted), abs=1e-3), name
+        assert metrics[dice] == pytest.approx(f1_score(truth, predicted), abs=1e-3), name
+        assert metrics[iou] == pytest.approx(jaccard_score(truth, predicted), abs=1e-3), name
         assert 0.0 <= metrics["pixel_AUPRO@fpr0.3"] <= 1.0
     predictions = pd.read_csv(localisation_runs["phantom"] / REPORT_DATA_DIR / "predictions.csv")
     assert set(predictions.gt_label) == {0, 1}
