@@ -113,6 +113,31 @@ def backbone_normalization(backbone: str) -> tuple[tuple[float, ...], tuple[floa
     return mean, std
 
 
+NORMALIZATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+"""Named input normalisations (``mean``, ``std``) of ADFA's ``input_normalization`` setting."""
+
+
+def input_normalization_statistics(name: str | None, backbone: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Return the ``(mean, std)`` an ``input_normalization`` setting stands for.
+
+    Args:
+        name: A key of :data:`NORMALIZATIONS`, or ``None`` for the backbone's own statistics.
+        backbone: timm name of the backbone.
+
+    Returns:
+        ``(mean, std)``, each 3 floats.
+    """
+    if name is None:
+        return backbone_normalization(backbone)
+    if name not in NORMALIZATIONS:
+        msg = f"input_normalization must be one of {sorted(NORMALIZATIONS)} or None, got {name!r}"
+        raise ValueError(msg)
+    return NORMALIZATIONS[name]
+
+
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict from a local PyTorch checkpoint without executing pickled code.
 

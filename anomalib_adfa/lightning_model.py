@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 from collections.abc import Iterable, Iterator, Sequence
@@ -28,10 +29,11 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch.utils.data import DistributedSampler
 from torchvision.transforms.v2 import CenterCrop, Compose, Normalize, Resize
 
-from anomalib_adfa.backbones import backbone_normalization
+from anomalib_adfa.backbones import NORMALIZATIONS, backbone_normalization
+from anomalib_adfa.checkpoint import CONFIGURATION_KEY, check_compatibility, effective_configuration
 from anomalib_adfa.descriptor import PUBLIC_ATTENTION_KERNEL
 from anomalib_adfa.distances import DistanceMode
-from anomalib_adfa.export import install_export_guard
+from anomalib_adfa.export import ONNX_OPSET_VERSION, install_export_guard, keep_float32_inference
 from anomalib_adfa.feature_cache import FeatureCache, random_transform_reason
 from anomalib_adfa.loss import AdfaLoss
 from anomalib_adfa.mask_frame import FramedPreProcessor, MaskResolution
@@ -42,23 +44,6 @@ from anomalib_adfa.soft_topk import TopKMode
 from anomalib_adfa.torch_model import AdfaModel
 
 logger = logging.getLogger(__name__)
-
-NORMALIZATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-}
-
-# Hyperparameters that change the shape or meaning of the trained weights and centres.
-ARCHITECTURE_HPARAMS = ("backbone", "layers", "gamma_d", "attention_kernel", "image_size", "center_crop_size")
-
-
-# ONNX opset of exports: anomalib's default (14) makes torch's dynamo exporter fail noisily while converting
-# down from 18 (no adapter for Pad), after which it keeps 18 anyway.
-ONNX_OPSET_VERSION = 18
-
-
-class IncompatibleCheckpointError(ValueError):
-    """Raised when a checkpoint was trained with another ADFA configuration."""
 
 
 class Adfa(AnomalibModule):
@@ -126,7 +111,7 @@ class Adfa(AnomalibModule):
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        install_export_guard()
+        install_export_guard(Adfa)
         if pre_processor is True:
             pre_processor = self.configure_pre_processor(
                 image_size=image_size,
@@ -345,29 +330,24 @@ class Adfa(AnomalibModule):
         )
 
     # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the effective configuration, which :func:`~anomalib_adfa.checkpoint.check_compatibility` reads."""
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[CONFIGURATION_KEY] = effective_configuration(self.hparams)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse, with a clear message, a checkpoint trained with another configuration."""
-        self.check_checkpoint_compatibility(checkpoint)
-        super().on_load_checkpoint(checkpoint)
+        """Refuse a checkpoint trained with another configuration; score it with this model's scoring settings.
 
-    def check_checkpoint_compatibility(self, checkpoint: dict[str, Any]) -> None:
-        """Raise unless ``checkpoint`` was trained with this model's architecture hyperparameters.
-
-        Args:
-            checkpoint: Lightning checkpoint dict (only its ``"hyper_parameters"`` are read).
-
-        Raises:
-            IncompatibleCheckpointError: Naming every hyperparameter in ``ARCHITECTURE_HPARAMS`` that differs.
+        Runs for ``test``, ``validate``, ``predict`` and ``fit`` with ``ckpt_path`` and for the ADFA export guard.
+        The blur kernel is a buffer derived from ``sigma``: the checkpoint's copy is replaced by this model's, so a
+        requested ``sigma`` takes effect instead of the checkpoint's (the difference is logged by the check).
         """
-        saved = checkpoint.get("hyper_parameters", {})
-        mismatches = [
-            f"{name}: checkpoint has {saved[name]!r}, this model has {self.hparams[name]!r}"
-            for name in ARCHITECTURE_HPARAMS
-            if name in saved and name in self.hparams and _normalise(saved[name]) != _normalise(self.hparams[name])
-        ]
-        if mismatches:
-            msg = "The ADFA checkpoint was trained with another configuration:\n  " + "\n  ".join(mismatches)
-            raise IncompatibleCheckpointError(msg)
+        check_compatibility(self.hparams, checkpoint)
+        state = checkpoint.get("state_dict", {})
+        kernel_key = "model.anomaly_map_generator.blur.kernel"
+        if kernel_key in state:
+            state[kernel_key] = self.model.anomaly_map_generator.blur.kernel.detach().clone()
+        super().on_load_checkpoint(checkpoint)
 
     # ------------------------------------------------------------------ export
     def to_onnx(
@@ -383,6 +363,36 @@ class Adfa(AnomalibModule):
         """
         kwargs.setdefault("opset_version", ONNX_OPSET_VERSION)
         return super().to_onnx(export_root, model_file_name, input_size, **kwargs)
+
+    def to_openvino(
+        self,
+        export_root: Path | str,
+        model_file_name: str = "model",
+        input_size: tuple[int, int] | None = None,
+        ov_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> Path:
+        """Export to OpenVINO IR as anomalib does, pinned to float32 inference unless asked otherwise.
+
+        OpenVINO's CPU plugin computes in bfloat16 by default on CPUs that support it, which moves ADFA's
+        normalised scores by about 1e-2 and can flip labels near the threshold. The IR is therefore written
+        with every operation marked to keep its float32 precision (see
+        :func:`~anomalib_adfa.export.keep_float32_inference`). ``ov_kwargs={"inference_precision": "bf16"}``
+        (or ``"f16"``; CLI: ``--ov_kwargs '{"inference_precision": "bf16"}'``) leaves the IR unmarked, so the
+        runtime's default precision applies; the remaining ``ov_kwargs`` go to ``openvino.convert_model``.
+
+        Returns:
+            Path of the ``.xml`` file.
+        """
+        ov_kwargs = copy.copy(ov_kwargs) or {}
+        precision = ov_kwargs.pop("inference_precision", "f32")
+        if precision not in {"f32", "bf16", "f16"}:
+            msg = f"inference_precision must be 'f32', 'bf16' or 'f16', got {precision!r}"
+            raise ValueError(msg)
+        xml_path = super().to_openvino(export_root, model_file_name, input_size, ov_kwargs=ov_kwargs, **kwargs)
+        if precision == "f32":
+            keep_float32_inference(xml_path)
+        return xml_path
 
     # ------------------------------------------------------------------ anomalib hooks
     @property
@@ -423,10 +433,3 @@ def _distinct_shard_batches(loader: Iterable[Batch]) -> Iterator[tuple[torch.Ten
             paths = None if paths is None else paths[:remaining]
             remaining -= images.shape[0]
         yield images, paths
-
-
-def _normalise(value: Any) -> Any:
-    """Compare hyperparameters that may come back from YAML or a checkpoint as lists instead of tuples."""
-    if isinstance(value, list | tuple):
-        return tuple(_normalise(item) for item in value)
-    return value

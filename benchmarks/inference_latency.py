@@ -3,9 +3,12 @@
 Each backbone is built with random weights and a random centre bank (latency does not depend on
 the values), exported with anomalib's exporter (``to_openvino``: pre-processor, ADFA and
 post-processor in one graph) and timed on random ``--input-size`` images at batch sizes 1 and 8.
-OpenVINO runs twice: at the CPU plugin's default precision (bfloat16 on CPUs with AVX512-BF16 or
-AMX, float32 otherwise) and with ``INFERENCE_PRECISION_HINT=f32``, the setting under which the
-exported graph matches PyTorch to 1e-3 (tests/test_export.py).
+OpenVINO runs three ways: ADFA's default export (every operation marked to keep float32, so the CPU
+plugin's default precision does not apply) compiled with no config, as anomalib's inferencers do; the
+explicit ``inference_precision="bf16"`` export compiled with no config (the runtime's default: bfloat16
+on CPUs with AVX512-BF16 or AMX, float32 otherwise); and that export compiled with
+``INFERENCE_PRECISION_HINT=bf16`` (bfloat16 everywhere; emulated, so slow, on CPUs without bfloat16).
+Each row also gives the largest relative change of the image scores against PyTorch on the same inputs.
 
 Usage::
 
@@ -62,34 +65,45 @@ def median_seconds(run: Callable[[], object], repeats: int) -> tuple[float, floa
     return statistics.median(wall), statistics.median(cpu)
 
 
-def measure(name: str, input_size: int, repeats: int, export_root: Path) -> list[tuple[str, str, int, float, float]]:
+def measure(
+    name: str, input_size: int, repeats: int, export_root: Path
+) -> list[tuple[str, str, int, float, float, float]]:
     """Per-image wall and CPU milliseconds of every runtime and batch size for one backbone."""
     model = build_model(name)
     start = time.perf_counter()
-    xml_path = model.to_openvino(export_root / name)
-    print(f"{name}: exported to OpenVINO in {time.perf_counter() - start:.0f} s", flush=True)
+    pinned = model.to_openvino(export_root / name / "f32")
+    free = model.to_openvino(export_root / name / "bf16", ov_kwargs={"inference_precision": "bf16"})
+    print(f"{name}: exported to OpenVINO twice in {time.perf_counter() - start:.0f} s", flush=True)
     core = ov.Core()
     runtimes: dict[str, Callable[[np.ndarray], object]] = {}
-    for hint in (None, "f32"):
-        compiled = core.compile_model(
-            core.read_model(xml_path), "CPU", {"INFERENCE_PRECISION_HINT": hint} if hint else {}
-        )
-        precision = compiled.get_property("INFERENCE_PRECISION_HINT")
-        runtimes[f"openvino {precision}{'' if hint else ' (default)'}"] = compiled
+    for label, path, config in (
+        ("openvino, default export", pinned, {}),
+        ("openvino, bf16 export", free, {}),
+        ("openvino, bf16 export + bf16 hint", free, {"INFERENCE_PRECISION_HINT": "bf16"}),
+    ):
+        compiled = core.compile_model(core.read_model(path), "CPU", config)
+        runtimes[f"{label} ({compiled.get_property('INFERENCE_PRECISION_HINT')})"] = compiled
 
-    def torch_run(images: np.ndarray) -> object:
+    def torch_run(images: np.ndarray) -> torch.Tensor:
         with torch.inference_mode():
-            return model(torch.from_numpy(images))
+            return model(torch.from_numpy(images)).pred_score
+
+    def scores(label: str, output: object) -> np.ndarray:
+        if label == "torch":
+            return np.asarray(output)
+        return next(value for port, value in output.items() if "pred_score" in port.names)
 
     rows = []
     for batch_size in BATCH_SIZES:
         images = np.random.default_rng(0).random((batch_size, 3, input_size, input_size), dtype=np.float32)
+        reference = scores("torch", torch_run(images))
         for label, run in (("torch", torch_run), *runtimes.items()):
+            change = float(np.abs(scores(label, run(images)) - reference).max() / np.abs(reference).max())
             wall, cpu = median_seconds(lambda run=run, images=images: run(images), repeats)
-            rows.append((name, label, batch_size, 1000 * wall / batch_size, 1000 * cpu / batch_size))
+            rows.append((name, label, batch_size, 1000 * wall / batch_size, 1000 * cpu / batch_size, change))
             print(
-                f"{name:>6} {label:>24} batch {batch_size}: {rows[-1][3]:8.1f} ms/image wall, "
-                f"{rows[-1][4]:8.1f} ms/image CPU",
+                f"{name:>6} {label:>44} batch {batch_size}: {rows[-1][3]:8.1f} ms/image wall, "
+                f"{rows[-1][4]:8.1f} ms/image CPU, score change {change:.1e}",
                 flush=True,
             )
     return rows
@@ -114,12 +128,18 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    print(f"CPU: {cpu_model()}, torch threads: {torch.get_num_threads()}, OpenVINO {ov.get_version()}")
+    print(
+        f"CPU: {cpu_model()}, torch {torch.__version__}, torch threads: {torch.get_num_threads()}, "
+        f"OpenVINO {ov.get_version()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+    )
     with tempfile.TemporaryDirectory() as folder:
         rows = [row for name in args.backbones for row in measure(name, args.input_size, args.repeats, Path(folder))]
-    print("\n| backbone | runtime | batch | wall ms / image | CPU ms / image |\n|---|---|---|---|---|")
-    for name, label, batch_size, wall, cpu in rows:
-        print(f"| {name} | {label} | {batch_size} | {wall:.1f} | {cpu:.1f} |")
+    print(
+        "\n| backbone | runtime | batch | wall ms / image | CPU ms / image | score change vs torch |"
+        "\n|---|---|---|---|---|---|"
+    )
+    for name, label, batch_size, wall, cpu, change in rows:
+        print(f"| {name} | {label} | {batch_size} | {wall:.1f} | {cpu:.1f} | {change:.1e} |")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler
 
 from anomalib_adfa import Adfa
-from anomalib_adfa.lightning_model import IncompatibleCheckpointError
+from anomalib_adfa.checkpoint import IncompatibleCheckpointError
 
 SMALL = {
     "backbone": "tf_efficientnet_lite0",
