@@ -16,11 +16,13 @@ over it, with its score and the threshold. Heatmaps share one colour scale per r
 from __future__ import annotations
 
 import html
+import io
 import json
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import matplotlib as mpl
 
@@ -28,7 +30,9 @@ mpl.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib import colormaps
 from matplotlib.patches import Rectangle
+from PIL import Image
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from anomalib_adfa.callbacks import REPORT_DATA_DIR
@@ -180,8 +184,9 @@ def _metrics_table(runs: list[RunData]) -> str:
         f"the benchmark computed them, else as logged at test time; masks compared at the {resolution} resolution "
         "(input: after resize and centre crop; original: in the image's frame). AUPRO: anomalib's, up to a "
         "pixel false-positive rate of 0.3. Dice/IoU threshold: where the pixel threshold was chosen "
-        "(<code>val_spec95</code>: 95 % specificity on validation normals, label-free; <code>test_…</code>: on "
-        "the test set, so optimistic)."
+        "(<code>val_spec95</code>: 95 % specificity on validation normals, label-free; <code>val_normal_max</code>: "
+        "anomalib's F1 threshold on a validation set without anomalies, i.e. its highest normal value; "
+        "<code>test_…</code>: on the test set, so optimistic)."
     )
     return f"<table><caption>{caption}</caption><tr>{header}</tr>{''.join(rows)}</table>"
 
@@ -200,21 +205,35 @@ def _figure(source: str, caption: str) -> str:
 
 
 def _plot_roc(runs: list[RunData], dataset: str, path: Path) -> None:
-    figure, axis = plt.subplots(figsize=(5, 4.6))
+    """One curve per run: one colour per model (the run name before `` (``), one line style per repeat."""
+    models = list(dict.fromkeys(run.name.split(" (")[0] for run in runs))
+    colours = colormaps["tab10"].colors
+    styles = ("-", "--", ":", "-.")
+    figure, axis = plt.subplots(figsize=(7.6, 4.6))
+    repeats: dict[str, int] = {}
     for run in runs:
         labels, scores = run.predictions.gt_label.to_numpy(), run.predictions.pred_score.to_numpy()
         if len(set(labels.tolist())) < 2:
             continue
+        model = run.name.split(" (")[0]
+        repeat = repeats[model] = repeats.get(model, -1) + 1
         fpr, tpr, _ = roc_curve(labels, scores)
-        axis.plot(fpr, tpr, label=f"{run.name} (AUROC {roc_auc_score(labels, scores):.3f})", linewidth=1.6)
+        axis.plot(
+            fpr,
+            tpr,
+            label=f"{run.name} (AUROC {roc_auc_score(labels, scores):.3f})",
+            color=colours[models.index(model) % len(colours)],
+            linestyle=styles[repeat % len(styles)],
+            linewidth=1.6,
+        )
     axis.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
     axis.set(xlabel="false-positive rate (normal images flagged)", ylabel="true-positive rate (abnormal found)")
+    axis.set_aspect("equal")
     axis.set_title(f"{dataset}: image-level ROC", fontsize=10)
-    axis.legend(fontsize=8, loc="lower right")
+    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
     axis.grid(alpha=0.3)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    _save(figure, path)
 
 
 def _run_section(run: RunData, output: Path) -> list[str]:
@@ -252,18 +271,26 @@ def _plot_histogram(run: RunData, threshold: float | None, path: Path) -> None:
     scores, labels = run.predictions.pred_score.to_numpy(), run.predictions.gt_label.to_numpy()
     figure, axis = plt.subplots(figsize=(6, 3.2))
     bins = np.histogram_bin_edges(scores, bins=min(40, max(5, len(scores) // 3)))
-    for label, colour, name in ((0, "tab:blue", "normal"), (1, "tab:red", "abnormal")):
+    # Abnormal first, normal drawn over it with an outline, so neither hides the other.
+    for label, colour, name in ((1, "tab:red", "abnormal"), (0, "tab:blue", "normal")):
         chosen = scores[labels == label]
         if chosen.size:
-            axis.hist(chosen, bins=bins, alpha=0.55, color=colour, label=f"{name} ({chosen.size})")
+            axis.hist(
+                chosen,
+                bins=bins,
+                alpha=0.5,
+                color=colour,
+                edgecolor=colour,
+                linewidth=1.5,
+                label=f"{name} ({chosen.size})",
+            )
     if threshold is not None and np.isfinite(threshold):
         axis.axvline(threshold, color="black", linestyle="--", linewidth=1.2, label=f"threshold {threshold:.4g}")
     axis.set(xlabel="raw image score", ylabel="test images")
     axis.set_title(f"{run.name}: score distribution", fontsize=10)
     axis.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    _save(figure, path)
 
 
 def _galleries(run: RunData) -> list[tuple[str, list[int]]]:
@@ -300,9 +327,11 @@ def _plot_cases(
 ) -> None:
     height, width = run.thumbnails[f"image_{indices[0]}"].shape[:2]
     panel = 2.3
-    figure, axes = plt.subplots(
-        2, len(indices), figsize=(panel * len(indices) + 0.9, 2 * panel * height / width + 0.9), squeeze=False
+    figure = plt.figure(figsize=(panel * len(indices) + 0.9, 2 * panel * height / width + 0.9))
+    grid = figure.add_gridspec(
+        2, len(indices) + 1, width_ratios=[1.0] * len(indices) + [0.06], wspace=0.04, hspace=0.04
     )
+    axes = np.array([[figure.add_subplot(grid[row, column]) for column in range(len(indices))] for row in (0, 1)])
     mappable = None
     for column, index in enumerate(indices):
         row = run.predictions.iloc[index]
@@ -332,20 +361,27 @@ def _plot_cases(
         name = Path(str(row.image_path)).name
         title = f"{name[:28]}\n{label}; score {row.pred_score:.4g}\n(threshold {_fmt(threshold)}: {verdict})"
         top.set_title(title, fontsize=7)
-    figure.subplots_adjust(wspace=0.04, hspace=0.04)
     if mappable is not None:
-        figure.colorbar(mappable, ax=axes[1, :].tolist(), shrink=0.9, label="raw anomaly map", pad=0.02)
-    figure.savefig(path, dpi=90, bbox_inches="tight")
+        figure.colorbar(mappable, cax=figure.add_subplot(grid[1, -1]), label="raw anomaly map")
+    _save(figure, path, bbox_inches="tight")
+
+
+def _save(figure: plt.Figure, path: Path, **options: Any) -> None:
+    """Save a figure as a 256-colour PNG (about a third of the size of a full-colour one)."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=90, **options)
     plt.close(figure)
+    with Image.open(buffer) as image:
+        image.convert("RGB").quantize(colors=256, method=Image.Quantize.FASTOCTREE).save(path, optimize=True)
 
 
 def _page(body: str) -> str:
     style = (
         "body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1180px;"
         "color:#1d1d1f;line-height:1.4}h1{font-size:1.5em}h2{border-bottom:1px solid #ccc;padding-bottom:4px;"
-        "margin-top:2em}h3{margin-top:1.6em}table{border-collapse:collapse;font-size:.85em;margin:1em 0}"
-        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:nth-child(-n+2),th:nth-child(-n+2)"
-        "{text-align:left}caption{caption-side:bottom;text-align:left;color:#555;padding-top:4px}"
+        "margin-top:2em}h3{margin-top:1.6em}table{border-collapse:collapse;font-size:.8em;margin:1em 0}"
+        "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right;white-space:nowrap}"
+        "td:nth-child(-n+2),th:nth-child(-n+2){text-align:left}caption{caption-side:bottom;text-align:left;color:#555;padding-top:4px;white-space:normal}"
         "figure{margin:1em 0}img{max-width:100%;border:1px solid #eee}figcaption,.note{color:#555;font-size:.85em}"
     )
     return (

@@ -110,7 +110,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--accelerator", default="cpu" if not torch.cuda.is_available() else "gpu")
     args = parser.parse_args(argv)
-    args.command = " ".join(sys.argv[1:] if argv is None else argv)
+    # The command that produced the results: --report-only only rewrites the report.
+    args.command = " ".join(arg for arg in (sys.argv[1:] if argv is None else argv) if arg != "--report-only")
     if args.backbone == LITE0_BACKBONE and args.weights is None:
         args.weights = efficientnet_lite0_weights()
     if args.max_epochs is not None and args.max_epochs < 1:
@@ -279,9 +280,11 @@ def _pixel_section(summary: pd.DataFrame, args: argparse.Namespace) -> list[str]
         "",
         f"- Maps compared with masks {where} (`--mask-resolution {args.mask_resolution}`), from the raw maps.",
         "- Mean over seeds of each seed's value, with the mean of the per-seed 95% bootstrap CIs over test images.",
-        "- AUPRO: anomalib's, up to FPR 0.3. Dice/IoU pooled over all test pixels at the post-processor's pixel "
-        "threshold; `test_max_dice`: the threshold maximising Dice on the validation set, which is the test set "
-        "(`same_as_test`), so these two are test-calibrated.",
+        "- AUPRO: anomalib's, up to FPR 0.3. Dice/IoU pooled over all test pixels at the model's post-processor "
+        "pixel threshold, whose source is in the last column: `val_spec95` = 95 % specificity on the validation "
+        "normals' pixels (label-free, ADFA's default post-processor); `val_normal_max` = anomalib's F1 threshold "
+        "on a validation set without anomalies, i.e. the highest validation normal pixel; a `test_` prefix means "
+        "the validation set was the test set (test-calibrated).",
         "",
         table,
         "",
