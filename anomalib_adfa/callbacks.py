@@ -1,4 +1,4 @@
-"""Lightning callbacks for running ADFA with anomalib.
+"""Lightning callbacks for running ADFA with anomalib: a score table, and label-free checkpoint selection.
 
 anomalib's ``predict`` saves heatmap overlays (its ``ImageVisualizer``, under ``<run>/images``) but
 no table of scores. :class:`EvaluationRecorder` keeps the raw test scores, maps and masks (for pixel metrics and
@@ -9,6 +9,18 @@ checkpoint's architecture)::
     anomalib predict --model Adfa <the training's --model options> --ckpt_path model.ckpt
         --data path/to/images --trainer.callbacks+=anomalib_adfa.callbacks.ScoreCSVWriter
         [--trainer.callbacks.csv_path my_scores.csv]
+
+``pred_label`` in the table is the post-processor's: with ADFA's default
+:class:`~anomalib_adfa.post_processing.SpecificityPostProcessor`, the threshold fitted on the validation
+normals at the target specificity.
+
+:class:`LabelFreeCheckpoint` keeps the checkpoint of the epoch with the best validation quantity that
+needs no real anomaly (the AUROC of held-out normals against synthetic anomalies, under
+``--data.val_split_mode synthetic``; or the held-out normals' mean score)::
+
+    anomalib train --model Adfa ... --data.val_split_mode synthetic
+        --trainer.callbacks+=anomalib_adfa.callbacks.LabelFreeCheckpoint
+        [--trainer.callbacks.quantity normal_score] --trainer.check_val_every_n_epoch 1
 """
 
 from __future__ import annotations
@@ -16,13 +28,16 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from anomalib.callbacks.checkpoint import ModelCheckpoint
 from anomalib.data import Batch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.nn import functional as F  # noqa: N812
+from torchmetrics.functional.classification import binary_auroc
 
 from anomalib_adfa.mask_frame import crop_box, to_image_frame, transform_geometry
 from anomalib_adfa.pixel_metrics import threshold_label
@@ -87,6 +102,137 @@ class ScoreCSVWriter(Callback):
         )
         paths = batch.image_path if batch.image_path is not None else [""] * len(scores)
         self._rows.extend(zip((str(p) for p in paths), scores, labels, strict=True))
+
+
+SelectionQuantity = Literal["synthetic_auroc", "synthetic_separation", "normal_score"]
+
+SELECTION_QUANTITIES: dict[str, tuple[str, str]] = {
+    "synthetic_auroc": ("val_synthetic_AUROC", "max"),
+    "synthetic_separation": ("val_synthetic_separation", "max"),
+    "normal_score": ("val_normal_score", "min"),
+}
+"""Logged name and direction of each label-free validation quantity."""
+
+
+def rank_auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """AUROC of raw scores, with no sigmoid applied (ties count one half).
+
+    torchmetrics passes scores outside [0, 1] through a sigmoid, which saturates large raw anomaly scores to
+    ties; min-max scaling in float64 first keeps every distinct raw score distinct.
+
+    Args:
+        scores: ``(N,)`` raw scores.
+        labels: ``(N,)`` labels, 1 for anomalous; both classes must be present.
+
+    Returns:
+        The AUROC.
+    """
+    scores = scores.double().flatten()
+    span = scores.max() - scores.min()
+    scaled = (scores - scores.min()) / span if span > 0 else torch.zeros_like(scores)
+    return float(binary_auroc(scaled, labels.flatten().long()))
+
+
+def label_free_quantity(scores: torch.Tensor, labels: torch.Tensor, quantity: SelectionQuantity) -> float:
+    """Compute a validation quantity that uses no real anomaly.
+
+    Args:
+        scores: ``(N,)`` raw image scores of the validation set.
+        labels: ``(N,)`` labels: 0 held-out normal, 1 synthetic anomaly.
+        quantity: ``"synthetic_auroc"`` (normals against synthetic anomalies; higher is better; saturates at 1
+            when the synthetic anomalies are easy), ``"synthetic_separation"`` (``(mean synthetic score - mean
+            normal score) / std of the normal scores``, a scale-free margin that does not saturate; higher is
+            better) or ``"normal_score"`` (mean score of the normals; lower is better, but its scale changes as
+            ADFA adapts its descriptor). ``benchmarks/results/selection_study`` measures how each tracks test AUROC.
+
+    Returns:
+        The quantity.
+
+    Raises:
+        ValueError: When the validation set lacks the images the quantity needs.
+    """
+    normal = labels.flatten() == 0
+    if quantity == "normal_score":
+        if not normal.any():
+            msg = "quantity 'normal_score' needs normal validation images (val_split_mode from_train or synthetic)"
+            raise ValueError(msg)
+        return float(scores.flatten()[normal].double().mean())
+    if normal.sum() < 2 or normal.all():
+        msg = (
+            f"quantity {quantity!r} needs at least two normal and one synthetic-anomaly validation image: use "
+            "--data.val_split_mode synthetic (or quantity 'normal_score')"
+        )
+        raise ValueError(msg)
+    if quantity == "synthetic_separation":
+        normal_scores, synthetic_scores = scores.flatten()[normal].double(), scores.flatten()[~normal].double()
+        spread = normal_scores.std().clamp_min(torch.finfo(torch.float64).tiny)
+        return float((synthetic_scores.mean() - normal_scores.mean()) / spread)
+    return rank_auroc(scores, labels)
+
+
+class LabelFreeCheckpoint(ModelCheckpoint):
+    """Checkpoint selection by a validation quantity that needs no real anomaly.
+
+    Collects the raw validation image scores (trainer callbacks run before the model's post-processor,
+    which does not change them during validation anyway), logs :func:`label_free_quantity` as
+    ``val_synthetic_separation``, ``val_synthetic_AUROC`` or ``val_normal_score`` at the end of each
+    validation epoch, and keeps the checkpoint that is best by it. Being an anomalib ``ModelCheckpoint``,
+    it replaces the engine's default one, so ``anomalib train`` tests the selected checkpoint (with the
+    thresholds fitted at that epoch).
+
+    Args:
+        quantity: ``"synthetic_separation"`` (default), ``"synthetic_auroc"`` (both need
+            ``val_split_mode=synthetic``) or ``"normal_score"``; see :func:`label_free_quantity`.
+        dirpath: Folder of the checkpoint; default ``<run>/weights/lightning`` as anomalib's.
+        filename: File name without extension (default ``model``, as anomalib's).
+        **kwargs: Other :class:`~lightning.pytorch.callbacks.ModelCheckpoint` options (``monitor`` and
+            ``mode`` are set from ``quantity``).
+
+    Raises:
+        ValueError: For an unknown ``quantity``; at validation, when the validation set lacks the images it needs.
+    """
+
+    def __init__(
+        self,
+        quantity: SelectionQuantity = "synthetic_separation",
+        dirpath: str | Path | None = None,
+        filename: str = "model",
+        **kwargs: Any,
+    ) -> None:
+        if quantity not in SELECTION_QUANTITIES:
+            msg = f"unknown selection quantity {quantity!r}; choose from {sorted(SELECTION_QUANTITIES)}"
+            raise ValueError(msg)
+        monitor, mode = SELECTION_QUANTITIES[quantity]
+        kwargs.setdefault("auto_insert_metric_name", False)
+        super().__init__(dirpath=dirpath, filename=filename, monitor=monitor, mode=mode, **kwargs)
+        self.quantity: SelectionQuantity = quantity
+        self.history: list[tuple[int, float]] = []
+        self._scores: list[torch.Tensor] = []
+        self._labels: list[torch.Tensor] = []
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.dirpath is None:
+            self.dirpath = str(Path(trainer.default_root_dir) / "weights" / "lightning")
+        super().setup(trainer, pl_module, stage)
+
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        del trainer, pl_module
+        self._scores, self._labels = [], []
+
+    def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Batch, *args: Any) -> None:
+        del trainer, pl_module, args
+        self._scores.append(outputs.pred_score.detach().flatten().cpu())
+        self._labels.append(outputs.gt_label.detach().flatten().cpu())
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Only validation inside fit selects; engine.validate / test runs leave the history alone.
+        if not self._scores or trainer.state.fn != TrainerFn.FITTING:
+            return
+        scores = pl_module.all_gather(torch.cat(self._scores)).flatten()
+        labels = pl_module.all_gather(torch.cat(self._labels)).flatten()
+        value = label_free_quantity(scores.cpu(), labels.cpu(), self.quantity)
+        self.history.append((trainer.current_epoch, value))
+        pl_module.log(self.monitor, value)
 
 
 REPORT_DATA_DIR = "report_data"

@@ -4,6 +4,10 @@
 medical benchmark needs on top: our datamodules and model builders (anomalib's generator only knows its own), the
 raw image scores recorded before anomalib's post-processor normalises them, train/test timing, peak memory, and
 errors returned as results instead of being hidden in a log file.
+
+Each job runs under one validation protocol (:data:`PROTOCOLS`); every model gets ADFA's post-processor
+(:class:`~anomalib_adfa.post_processing.SpecificityPostProcessor`: threshold at :data:`TARGET_SPECIFICITY` on the
+validation normals) and evaluator, so the operating point and anomalib's printed clinical metrics are comparable.
 """
 
 from __future__ import annotations
@@ -29,12 +33,12 @@ from anomalib.pipelines.benchmark.job import BenchmarkJob
 from lightning import Callback, LightningModule, Trainer, seed_everything
 
 from anomalib_adfa import Adfa
-from anomalib_adfa.callbacks import EvaluationRecorder
+from anomalib_adfa.callbacks import EvaluationRecorder, LabelFreeCheckpoint
 from anomalib_adfa.data import BUSI, BrainMRI, Covid, SIPaKMeD
 from anomalib_adfa.distances import kl_weight
 from anomalib_adfa.pixel_metrics import pixel_metrics, threshold_label
-from benchmarks.metrics import auroc, best_f1, bootstrap_auroc_ci
-from benchmarks.models import UnsupportedModelError, build_model
+from benchmarks.metrics import auroc, best_f1, bootstrap_auroc_ci, operating_point
+from benchmarks.models import TARGET_SPECIFICITY, UnsupportedModelError, build_model, recommended_selection
 
 DATASETS: dict[str, tuple[type[AnomalibDataModule], str]] = {
     "brainmri": (BrainMRI, "brain_tumor_dataset"),
@@ -43,6 +47,10 @@ DATASETS: dict[str, tuple[type[AnomalibDataModule], str]] = {
     "sipakmed": (SIPaKMeD, "sipakmed"),
 }
 """Datamodule and default folder (below ``--data-root``) of each dataset."""
+
+PROTOCOLS: dict[str, str] = {"paper": "same_as_test", "synthetic": "synthetic", "from_train": "from_train"}
+"""Benchmark protocol -> datamodule ``val_split_mode``. ``paper`` reproduces Table 1; its thresholds are
+test-calibrated (the validation set is the test set). The others hold out half of the training normals."""
 
 AUROC_TOLERANCE = 0.005
 """Largest accepted gap between our raw-score AUROC and anomalib's ``image_AUROC``."""
@@ -62,6 +70,7 @@ class JobSpec:
         variant: Name of the ADFA ablation variant, ``""`` for the model's defaults.
         adfa_options: Keyword arguments of the variant for :class:`~anomalib_adfa.Adfa`.
         control: One of :data:`CONTROL_MODES` to score ADFA without training, else ``""``.
+        protocol: Validation protocol, a key of :data:`PROTOCOLS`.
     """
 
     dataset: str
@@ -70,12 +79,13 @@ class JobSpec:
     variant: str = ""
     adfa_options: dict[str, Any] = field(default_factory=dict)
     control: str = ""
+    protocol: str = "paper"
 
     @property
     def key(self) -> str:
         """File-name-safe identifier of the job."""
         name = self.model if not self.variant else f"{self.model}-{self.variant}"
-        return f"{self.dataset}__{name}__seed{self.seed}"
+        return f"{self.dataset}__{name}__{self.protocol}__seed{self.seed}"
 
 
 @dataclass(frozen=True)
@@ -99,9 +109,14 @@ class JobContext:
 
 
 class _ScoreRecorder(Callback):
-    """Keep the raw test scores (this callback runs before the model's post-processor) and time validation."""
+    """Keep the raw validation and test predictions (this callback runs before the model's post-processor); time them.
+
+    Validation scores are those of the last validation epoch.
+    """
 
     def __init__(self) -> None:
+        self.val_scores: list[torch.Tensor] = []
+        self.val_labels: list[torch.Tensor] = []
         self.scores: list[torch.Tensor] = []
         self.labels: list[torch.Tensor] = []
         self.validation_seconds = 0.0
@@ -111,6 +126,12 @@ class _ScoreRecorder(Callback):
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         del trainer, pl_module
         self._start = time.perf_counter()
+        self.val_scores, self.val_labels = [], []
+
+    def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, *args: Any) -> None:
+        del trainer, pl_module, args
+        self.val_scores.append(outputs.pred_score.detach().flatten().cpu().double().clone())
+        self.val_labels.append(outputs.gt_label.detach().flatten().cpu().clone())
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         del trainer, pl_module
@@ -171,7 +192,13 @@ class MedicalBenchmarkJob(BenchmarkJob):
     def __init__(self, spec: JobSpec, context: JobContext, accelerator: str = "cpu") -> None:
         self.spec = spec
         self.context = context
-        flat_cfg = {"dataset": spec.dataset, "model": spec.model, "variant": spec.variant, "seed": spec.seed}
+        flat_cfg = {
+            "dataset": spec.dataset,
+            "model": spec.model,
+            "variant": spec.variant,
+            "protocol": spec.protocol,
+            "seed": spec.seed,
+        }
         # The model and datamodule are built in run(), so that building them is timed and its errors are reported.
         super().__init__(accelerator=accelerator, model=None, datamodule=None, seed=spec.seed, flat_cfg=flat_cfg)
 
@@ -225,6 +252,7 @@ class MedicalBenchmarkJob(BenchmarkJob):
             num_workers=0,
             # The per-job decode check of every file would double the data loading; unreadable files still fail.
             check_images=False,
+            val_split_mode=PROTOCOLS[self.spec.protocol],
         )
 
     def _run(self) -> dict[str, Any]:
@@ -242,6 +270,11 @@ class MedicalBenchmarkJob(BenchmarkJob):
             output_dir=report_dir / self.spec.key if report_dir is not None else None,
             label=f"{label} (seed {self.spec.seed})",
         )
+        # adfa_recommended keeps the epoch with the best label-free validation quantity; under the paper protocol the
+        # validation images are the test images, so it keeps the last epoch there.
+        quantity = recommended_selection() if self.spec.model == "adfa_recommended" else None
+        label_free = self.spec.protocol != "paper" and (quantity == "normal_score" or self.spec.protocol == "synthetic")
+        selector = LabelFreeCheckpoint(quantity=quantity) if quantity and label_free else None
         with tempfile.TemporaryDirectory() as temp_dir:
             engine = Engine(
                 accelerator=self.accelerator,
@@ -249,14 +282,20 @@ class MedicalBenchmarkJob(BenchmarkJob):
                 default_root_dir=temp_dir,
                 logger=False,
                 max_epochs=epochs,
-                # Validate (to fit the post-processor on the validation copy of the test set) once, at the end.
-                check_val_every_n_epoch=epochs,
-                callbacks=[recorder, maps],
+                # Validate (to fit the post-processor) once, at the end, unless selecting an epoch by validation.
+                check_val_every_n_epoch=1 if selector else epochs,
+                callbacks=[recorder, maps, *([selector] if selector else [])],
                 enable_progress_bar=False,
                 enable_model_summary=False,
             )
             fit_start = time.perf_counter()
             engine.fit(self.model, datamodule=self.datamodule)
+            selected_epoch = engine.trainer.current_epoch
+            if selector is not None:
+                best = torch.load(selector.best_model_path, map_location="cpu", weights_only=False)
+                selected_epoch = int(best["epoch"]) + 1
+                # Restores the selected weights and post-processor, and records that epoch's validation scores.
+                engine.validate(self.model, datamodule=self.datamodule, ckpt_path=selector.best_model_path)
             test_start = time.perf_counter()
             test_metrics = engine.test(self.model, datamodule=self.datamodule, verbose=False)[0]
             test_end = time.perf_counter()
@@ -265,17 +304,19 @@ class MedicalBenchmarkJob(BenchmarkJob):
         labels = torch.cat(recorder.labels).numpy().astype(int)
         result = {
             "epochs": epochs_run,
+            "selected_epoch": selected_epoch,
+            "selection": f"{quantity} (validation)" if selector else "last epoch",
+            **self.datamodule.protocol,
             "fit_s": round(test_start - fit_start, 2),
             "train_s": round(test_start - fit_start - recorder.validation_seconds, 2),
             "test_s": round(test_end - test_start, 2),
             "test_ms_per_image": round(1000 * recorder.test_seconds / len(scores), 2),
             **_score_metrics(labels, scores),
-            "anomalib_image_AUROC": float(test_metrics.get("image_AUROC", np.nan)),
-            "anomalib_image_F1Score": float(test_metrics.get("image_F1Score", np.nan)),
+            **self._operating_point(recorder, labels, scores),
+            **{f"anomalib_{name}": float(value) for name, value in test_metrics.items()},
         }
         if maps.masks:
             result.update(self._pixel_metrics(maps))
-            result["anomalib_pixel_AUROC"] = float(test_metrics.get("pixel_AUROC", np.nan))
         result["auroc_mismatch"] = bool(abs(result["image_AUROC"] - result["anomalib_image_AUROC"]) > AUROC_TOLERANCE)
         return result
 
@@ -290,6 +331,25 @@ class MedicalBenchmarkJob(BenchmarkJob):
         columns = result.as_dict(source)
         maps.add_to_summary(pixel_metrics=columns)
         return columns
+
+    def _operating_point(self, recorder: _ScoreRecorder, labels: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
+        """Test sensitivity/specificity at the validation-normal threshold, CIs, calibration gap, threshold check."""
+        val_scores = torch.cat(recorder.val_scores).numpy()
+        val_normal = val_scores[torch.cat(recorder.val_labels).numpy() == 0]
+        point = operating_point(val_normal, labels, scores, TARGET_SPECIFICITY)
+        fitted = float(self.model.post_processor.image_threshold)
+        return {
+            "target_specificity": TARGET_SPECIFICITY,
+            "threshold": point.threshold,
+            "test_sensitivity": point.sensitivity,
+            "test_sensitivity_ci_low": point.sensitivity_ci.low,
+            "test_sensitivity_ci_high": point.sensitivity_ci.high,
+            "test_specificity": point.specificity,
+            "test_specificity_ci_low": point.specificity_ci.low,
+            "test_specificity_ci_high": point.specificity_ci.high,
+            "calibration_gap": point.specificity - TARGET_SPECIFICITY,
+            "threshold_mismatch": bool(not np.isclose(fitted, point.threshold, rtol=1e-5, atol=1e-6)),
+        }
 
     def _run_control(self) -> dict[str, Any]:
         """Score ADFA without training: centres from the untrained descriptor, then the chosen score."""

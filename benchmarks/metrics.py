@@ -1,4 +1,4 @@
-"""Image metrics computed from raw anomaly scores, with bootstrap confidence intervals.
+"""Image metrics computed from raw anomaly scores, with bootstrap confidence intervals; operating points.
 
 The metrics here never see anomalib's post-processed (min-max normalised, clipped) scores, so they are a check on
 the ``image_AUROC`` that anomalib prints. Pixel metrics are in :mod:`anomalib_adfa.pixel_metrics`.
@@ -10,6 +10,8 @@ from typing import NamedTuple
 
 import numpy as np
 from scipy.stats import rankdata
+
+from anomalib_adfa.post_processing import quantile_rank
 
 
 class Interval(NamedTuple):
@@ -118,3 +120,77 @@ def bootstrap_auroc_ci(
     alpha = (1 - level) / 2
     low, high = np.quantile(values, [alpha, 1 - alpha])
     return Interval(float(low), float(high))
+
+
+class OperatingPoint(NamedTuple):
+    """Sensitivity and specificity of test scores at a threshold fixed on validation normals, with 95% CIs.
+
+    The intervals resample the validation normals (refitting the threshold) and the test images of each class, so
+    they cover both the threshold's and the test set's sampling error.
+    """
+
+    threshold: float
+    sensitivity: float
+    specificity: float
+    sensitivity_ci: Interval
+    specificity_ci: Interval
+
+
+def operating_point(
+    val_normal_scores: np.ndarray,
+    labels: np.ndarray,
+    scores: np.ndarray,
+    target_specificity: float,
+    num_samples: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> OperatingPoint:
+    """Test sensitivity/specificity at the validation-normal quantile threshold, with percentile bootstrap CIs.
+
+    The threshold is the validation normals' order statistic of rank
+    :func:`~anomalib_adfa.post_processing.quantile_rank` (a score above it is abnormal), as the post-processor's.
+
+    Args:
+        val_normal_scores: Raw scores of the validation normal images, shape ``(M,)``.
+        labels: Test labels, 1 for anomalous, shape ``(N,)``.
+        scores: Raw test scores, shape ``(N,)``.
+        target_specificity: Target specificity of the threshold.
+        num_samples: Bootstrap replicates.
+        level: Coverage of the intervals.
+        seed: Seed of the resampling.
+
+    Returns:
+        The operating point.
+    """
+    labels = np.asarray(labels).astype(int)
+    scores = np.asarray(scores, dtype=np.float64)
+    val_normal_scores = np.sort(np.asarray(val_normal_scores, dtype=np.float64).ravel())
+    _check_binary(labels, scores)
+    if val_normal_scores.size == 0:
+        msg = "no validation normal scores to set the threshold on"
+        raise ValueError(msg)
+    rng = np.random.default_rng(seed)
+    rank = quantile_rank(val_normal_scores.size, target_specificity)
+    threshold = float(val_normal_scores[rank - 1])
+    positive, negative = scores[labels == 1], scores[labels == 0]
+    val_draws = np.sort(
+        val_normal_scores[rng.integers(0, val_normal_scores.size, (num_samples, val_normal_scores.size))]
+    )
+    thresholds = val_draws[:, rank - 1 : rank]
+    pos_draws = positive[rng.integers(0, positive.size, (num_samples, positive.size))]
+    neg_draws = negative[rng.integers(0, negative.size, (num_samples, negative.size))]
+    sensitivities = (pos_draws > thresholds).mean(axis=1)
+    specificities = (neg_draws <= thresholds).mean(axis=1)
+    alpha = (1 - level) / 2
+
+    def interval(values: np.ndarray) -> Interval:
+        low, high = np.quantile(values, [alpha, 1 - alpha])
+        return Interval(float(low), float(high))
+
+    return OperatingPoint(
+        threshold=threshold,
+        sensitivity=float((positive > threshold).mean()),
+        specificity=float((negative <= threshold).mean()),
+        sensitivity_ci=interval(sensitivities),
+        specificity_ci=interval(specificities),
+    )

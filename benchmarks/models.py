@@ -5,6 +5,10 @@ runs, :func:`local_timm_weights` makes timm load a local state dict instead when
 asks for the pretrained backbone, so that PaDiM, STFPM and PatchCore use exactly the weights ADFA uses. Models
 whose anomalib implementation cannot take the chosen backbone fail in :func:`build_model` with
 :class:`UnsupportedModelError`, whose message says why.
+
+Every model gets ADFA's post-processor (threshold at :data:`TARGET_SPECIFICITY` on validation normals,
+rank-preserving normalisation) and ADFA's evaluator (anomalib's metrics plus the clinical ones).
+``adfa_recommended`` is ADFA with the settings of ``configs/adfa_recommended.yaml`` (:func:`recommended_config`).
 """
 
 from __future__ import annotations
@@ -17,17 +21,60 @@ from pathlib import Path
 from typing import Any
 
 import timm
+import yaml
+from anomalib.metrics import Evaluator
 from anomalib.models import Cfa, Padim, Patchcore, ReverseDistillation, Stfpm
 from anomalib.models.components import AnomalibModule
 from anomalib.pre_processing import PreProcessor
 
-from anomalib_adfa import Adfa
+from anomalib_adfa import Adfa, SpecificityPostProcessor
 from anomalib_adfa.backbones import LITE0_BACKBONE, load_state_dict_file
+from anomalib_adfa.metrics import clinical_test_metrics
 
-MODEL_NAMES = ("adfa", "padim", "stfpm", "reverse_distillation", "patchcore", "cfa")
+MODEL_NAMES = ("adfa", "adfa_recommended", "padim", "stfpm", "reverse_distillation", "patchcore", "cfa")
 
-DOCUMENTED_EPOCHS = {"adfa": 200, "padim": 1, "stfpm": 100, "reverse_distillation": 200, "patchcore": 1, "cfa": 30}
-"""Epochs of each model's documented configuration (anomalib's example configs; ADFA's public code)."""
+RECOMMENDED_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "adfa_recommended.yaml"
+
+TARGET_SPECIFICITY = 0.95
+"""Specificity on validation normals at which every model's image threshold is set."""
+
+# Options the benchmark sets for every model alike; the recommended config's values for them are not used.
+_SHARED_OPTIONS = ("backbone", "backbone_weights", "layers", "pre_trained", "image_size", "center_crop_size")
+
+
+@functools.cache
+def recommended_config() -> dict[str, Any]:
+    """``configs/adfa_recommended.yaml``: ADFA options, epochs and the label-free selection quantity.
+
+    Returns:
+        ``{"options": Adfa keyword arguments (without the shared ones), "epochs": int, "selection": str | None}``.
+    """
+    config = yaml.safe_load(RECOMMENDED_CONFIG.read_text())
+    options = {k: v for k, v in config["model"]["init_args"].items() if k not in _SHARED_OPTIONS}
+    trainer = config.get("trainer", {})
+    selection = [
+        callback.get("init_args", {}).get("quantity", "synthetic_separation")
+        for callback in trainer.get("callbacks", [])
+        if callback.get("class_path", "").endswith("LabelFreeCheckpoint")
+    ]
+    return {"options": options, "epochs": int(trainer["max_epochs"]), "selection": selection[0] if selection else None}
+
+
+def recommended_selection() -> str | None:
+    """Label-free checkpoint-selection quantity of the recommended config (``None``: last epoch)."""
+    return recommended_config()["selection"]
+
+
+DOCUMENTED_EPOCHS = {
+    "adfa": 200,
+    "adfa_recommended": recommended_config()["epochs"],
+    "padim": 1,
+    "stfpm": 100,
+    "reverse_distillation": 200,
+    "patchcore": 1,
+    "cfa": 30,
+}
+"""Epochs of each model's documented configuration (anomalib's example configs; ADFA's public code; ours)."""
 
 # Stride-4/8/16 stages of each backbone, named as WR50's ``layer1``/``layer2``/``layer3`` that anomalib's defaults use.
 _STAGE_LAYERS = {LITE0_BACKBONE: {"layer1": "blocks.1", "layer2": "blocks.2", "layer3": "blocks.4"}}
@@ -93,7 +140,12 @@ def local_timm_weights(backbone: str, weights: Path | None) -> Iterator[None]:
 
 
 def _common(settings: ModelSettings) -> dict[str, Any]:
-    return {"pre_processor": settings.pre_processor(), "visualizer": False}
+    return {
+        "pre_processor": settings.pre_processor(),
+        "post_processor": SpecificityPostProcessor(target_specificity=TARGET_SPECIFICITY),
+        "evaluator": Evaluator(test_metrics=clinical_test_metrics()),
+        "visualizer": False,
+    }
 
 
 def _adfa(settings: ModelSettings) -> AnomalibModule:
@@ -101,6 +153,11 @@ def _adfa(settings: ModelSettings) -> AnomalibModule:
     return Adfa(
         backbone=settings.backbone, layers=settings.layers("layer1", "layer2", "layer3"), **options, **_common(settings)
     )
+
+
+def _adfa_recommended(settings: ModelSettings) -> AnomalibModule:
+    options = {**recommended_config()["options"], **settings.adfa_options}
+    return _adfa(ModelSettings(settings.backbone, settings.weights, settings.pre_processor, options))
 
 
 def _padim(settings: ModelSettings) -> AnomalibModule:
@@ -139,6 +196,7 @@ def _cfa(settings: ModelSettings) -> AnomalibModule:
 
 _BUILDERS: dict[str, Callable[[ModelSettings], AnomalibModule]] = {
     "adfa": _adfa,
+    "adfa_recommended": _adfa_recommended,
     "padim": _padim,
     "stfpm": _stfpm,
     "reverse_distillation": _reverse_distillation,

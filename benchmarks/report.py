@@ -1,9 +1,14 @@
-"""Turn the per-job results of a run into ``results.csv``, a markdown report and a plot."""
+"""Turn the per-job results of a run into ``results.csv``, a markdown report and a plot.
+
+Metric tables are built from column groups (:data:`OPERATING_POINT_COLUMNS`, :func:`column_table`), so further
+groups (e.g. pixel metrics) add a tuple of :class:`Column` and a section, without touching the others.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import matplotlib as mpl
 
@@ -20,6 +25,23 @@ _SUMMARY_METRICS = (
     "image_F1_best",
     "image_AUROC_ci_low",
     "image_AUROC_ci_high",
+    "test_sensitivity",
+    "test_sensitivity_ci_low",
+    "test_sensitivity_ci_high",
+    "test_specificity",
+    "test_specificity_ci_low",
+    "test_specificity_ci_high",
+    "calibration_gap",
+    "anomalib_image_AUPR",
+    "anomalib_image_Sensitivity_at_Spec95",
+    "anomalib_image_Sensitivity",
+    "anomalib_image_Specificity",
+    "anomalib_image_PPV",
+    "anomalib_image_NPV",
+    "anomalib_image_BalancedAccuracy",
+    "selected_epoch",
+    "train_normal",
+    "val_normal",
     "fit_s",
     "train_s",
     "test_ms_per_image",
@@ -28,6 +50,19 @@ _SUMMARY_METRICS = (
 
 _PIXEL_METRICS = ("pixel_AUROC", "pixel_AUPRO", "pixel_Dice", "pixel_IoU")
 _PIXEL_SUMMARY = tuple(f"{name}{part}" for name in _PIXEL_METRICS for part in ("", "_ci_low", "_ci_high"))
+
+
+def markdown_table(frame: pd.DataFrame, digits: int = 3) -> str:
+    """A data frame as a markdown table (floats rounded to ``digits``), without pandas' optional tabulate."""
+
+    def cell(value: object) -> str:
+        if isinstance(value, float):
+            return "n/a" if np.isnan(value) else f"{value:.{digits}f}"
+        return str(value).replace("|", "/")
+
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(cell(value) for value in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
 
 
 def label(frame: pd.DataFrame) -> pd.Series:
@@ -46,10 +81,12 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
         One row per dataset and label with ``<metric>_mean``/``<metric>_std``, ``seeds``, ``status`` and ``error``.
     """
     frame = results.assign(label=label(results))
+    if "protocol" not in frame:
+        frame["protocol"] = "paper"
     rows = []
-    for (dataset, name), group in frame.groupby(["dataset", "label"], sort=False):
+    for (dataset, name, protocol), group in frame.groupby(["dataset", "label", "protocol"], sort=False):
         done = group[group.status == "ok"]
-        row = {"dataset": dataset, "label": name, "seeds": len(done)}
+        row = {"dataset": dataset, "label": name, "protocol": protocol, "seeds": len(done)}
         for metric in _SUMMARY_METRICS + _PIXEL_SUMMARY:
             values = done[metric].astype(float) if metric in done else pd.Series(dtype=float)
             row[f"{metric}_mean"] = values.mean()
@@ -57,6 +94,8 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
         sources = done.get("pixel_threshold_source", pd.Series(dtype=object)).dropna()
         row["pixel_threshold_source"] = ", ".join(sorted(set(map(str, sources))))
         row["mismatches"] = int(done["auroc_mismatch"].fillna(value=False).astype(bool).sum()) if len(done) else 0
+        flags = done["threshold_mismatch"] if "threshold_mismatch" in done else pd.Series(dtype=bool)
+        row["threshold_mismatches"] = int(flags.fillna(value=False).astype(bool).sum())
         failed = group[group.status != "ok"]
         row["status"] = "ok" if failed.empty else str(failed.status.iloc[0])
         row["error"] = "" if failed.empty else str(failed.error.iloc[0])
@@ -125,10 +164,10 @@ def details_table(summary: pd.DataFrame) -> str:
         The table.
     """
     columns = (
-        "| Dataset | Model | Seeds | AUROC (raw) | AUROC (anomalib) | 95% CI | F1 (best) | Pixel AUROC | "
-        "Fit s (train) | Test ms/img | Peak RSS MB | Note |"
+        "| Dataset | Model | Protocol | Seeds | AUROC (raw) | AUROC (anomalib) | 95% CI | "
+        "F1 oracle (test-calibrated) | Pixel AUROC | Fit s (train) | Test ms/img | Peak RSS MB | Note |"
     )
-    lines = [columns, "|" + "---|" * 12]
+    lines = [columns, "|" + "---|" * 13]
 
     def fmt(value: float, digits: int = 3) -> str:
         return "n/a" if np.isnan(value) else f"{value:.{digits}f}"
@@ -137,9 +176,12 @@ def details_table(summary: pd.DataFrame) -> str:
         note = row.error if row.status != "ok" else ""
         if row.mismatches:
             note = f"raw and anomalib AUROC differ by > 0.005 in {row.mismatches} seed(s). {note}"
+        if row.get("threshold_mismatches", 0):
+            count = row.threshold_mismatches
+            note = f"post-processor threshold differs from the recomputed one in {count} seed(s). {note}"
         ci = f"[{fmt(row.image_AUROC_ci_low_mean)}, {fmt(row.image_AUROC_ci_high_mean)}]"
         lines.append(
-            f"| {DATASET_TITLES.get(row.dataset, row.dataset)} | {row.label} | {row.seeds} | "
+            f"| {DATASET_TITLES.get(row.dataset, row.dataset)} | {row.label} | {row.protocol} | {row.seeds} | "
             f"{fmt(row.image_AUROC_mean)} | {fmt(row.anomalib_image_AUROC_mean)} | {ci} | "
             f"{fmt(row.image_F1_best_mean)} | {fmt(row.pixel_AUROC_mean)} | "
             f"{fmt(row.fit_s_mean, 1)} ({fmt(row.train_s_mean, 1)}) | {fmt(row.test_ms_per_image_mean, 1)} | "
@@ -161,8 +203,8 @@ def pixel_table(summary: pd.DataFrame) -> str:
     if rows.empty:
         return ""
     lines = [
-        "| Dataset | Model | Seeds | Pixel AUROC | AUPRO (FPR ≤ 0.3) | Dice | IoU | Dice/IoU threshold |",
-        "|" + "---|" * 8,
+        "| Dataset | Protocol | Model | Seeds | Pixel AUROC | AUPRO (FPR ≤ 0.3) | Dice | IoU | Dice/IoU threshold |",
+        "|" + "---|" * 9,
     ]
     for _, row in rows.iterrows():
         cells = [
@@ -170,11 +212,144 @@ def pixel_table(summary: pd.DataFrame) -> str:
             for name in _PIXEL_METRICS
         ]
         lines.append(
-            f"| {DATASET_TITLES.get(row.dataset, row.dataset)} | {row.label} | {row.seeds} | "
+            f"| {DATASET_TITLES.get(row.dataset, row.dataset)} | {row.protocol} | {row.label} | {row.seeds} | "
             + " | ".join(cells)
             + f" | {row.pixel_threshold_source} |"
         )
     return "\n".join(lines)
+
+
+class Column(NamedTuple):
+    """One column of a metric table: heading, summary metric, and the metrics of its interval (or ``None``)."""
+
+    heading: str
+    metric: str
+    interval: tuple[str, str] | None = None
+    signed: bool = False
+
+
+OPERATING_POINT_COLUMNS = (
+    Column("Sensitivity", "test_sensitivity", ("test_sensitivity_ci_low", "test_sensitivity_ci_high")),
+    Column("Specificity", "test_specificity", ("test_specificity_ci_low", "test_specificity_ci_high")),
+    Column("Calibration gap", "calibration_gap", signed=True),
+    Column("PPV", "anomalib_image_PPV"),
+    Column("NPV", "anomalib_image_NPV"),
+    Column("Sens. @ 95% test spec. (oracle)", "anomalib_image_Sensitivity_at_Spec95"),
+    Column("AUPR", "anomalib_image_AUPR"),
+    Column("F1 oracle (test-calibrated)", "image_F1_best"),
+)
+"""Operating-point group: at the validation threshold, then threshold-free and test-calibrated references."""
+
+
+def column_table(
+    summary: pd.DataFrame,
+    labels: Sequence[str],
+    datasets: Sequence[str],
+    protocols: Sequence[str],
+    columns: Sequence[Column],
+) -> str:
+    """Markdown table with one row per dataset, protocol and model, one column per :class:`Column`.
+
+    Args:
+        summary: Output of :func:`summarise`.
+        labels: Model order.
+        datasets: Dataset order.
+        protocols: Protocol order.
+        columns: The metric columns.
+
+    Returns:
+        The table (cells: mean over seeds, with ``[low, high]`` = mean of the per-seed intervals).
+    """
+
+    def value(row: pd.Series, metric: str) -> float:
+        return float(row.get(f"{metric}_mean", np.nan))
+
+    lines = [
+        "| Dataset | Protocol | Model | " + " | ".join(column.heading for column in columns) + " |",
+        "|" + "---|" * (3 + len(columns)),
+    ]
+    indexed = summary.set_index(["dataset", "label", "protocol"])
+    for dataset in datasets:
+        for protocol in protocols:
+            for name in labels:
+                if (dataset, name, protocol) not in indexed.index:
+                    continue
+                row = indexed.loc[(dataset, name, protocol)]
+                cells = []
+                for column in columns:
+                    mean = value(row, column.metric)
+                    text = "n/a" if np.isnan(mean) else (f"{mean:+.3f}" if column.signed else f"{mean:.3f}")
+                    if column.interval is not None and not np.isnan(mean):
+                        low, high = (value(row, metric) for metric in column.interval)
+                        text += f" [{low:.2f}, {high:.2f}]"
+                    cells.append(text)
+                title = DATASET_TITLES.get(dataset, dataset)
+                lines.append(f"| {title} | {protocol} | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def operating_point_table(
+    summary: pd.DataFrame, labels: Sequence[str], datasets: Sequence[str], protocols: Sequence[str]
+) -> str:
+    """:func:`column_table` of :data:`OPERATING_POINT_COLUMNS`."""
+    return column_table(summary, labels, datasets, protocols, OPERATING_POINT_COLUMNS)
+
+
+def protocol_auroc_table(
+    summary: pd.DataFrame, labels: Sequence[str], datasets: Sequence[str], protocols: Sequence[str]
+) -> str:
+    """Image AUROC (mean ± std over seeds) with one column per dataset and protocol."""
+    header = [f"{DATASET_TITLES.get(d, d)} ({p})" for d in datasets for p in protocols]
+    lines = ["| Model | " + " | ".join(header) + " |", "|" + "---|" * (1 + len(header))]
+    indexed = summary.set_index(["dataset", "label", "protocol"])
+    for name in labels:
+        cells = []
+        for dataset in datasets:
+            for protocol in protocols:
+                key = (dataset, name, protocol)
+                row = indexed.loc[key] if key in indexed.index else None
+                cells.append("-" if row is None else _cell(row.image_AUROC_mean, row.image_AUROC_std, None))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+PAPER_TABLE1 = {
+    "columns": ("PaDiM", "SPADE", "Patch SVDD", "STPM", "RDAD", "f-AnoGAN", "ADFA"),
+    "BrainMRI": (0.843, 0.682, 0.647, 0.821, 0.856, 0.733, 0.857),
+    "Covid": (0.695, 0.680, 0.918, 0.757, 0.908, 0.982, 0.973),
+    "BUSI": (0.948, 0.945, 0.751, 0.796, 0.862, 0.785, 0.966),
+    "SIPaKMeD": (0.754, 0.896, 0.935, 0.792, 0.784, 0.828, 0.972),
+}
+"""ADFA paper, Table 1: image AUROC (WR50, 224 px, 200 epochs)."""
+
+PAPER_TABLE3 = {
+    "columns": ("BrainMRI", "Covid", "BUSI", "SIPaKMeD"),
+    "attention eps 0": (0.858, 0.963, 0.958, 0.964),
+    "attention eps 0.05": (0.858, 0.967, 0.962, 0.971),
+    "attention eps 0.1 (default)": (0.857, 0.973, 0.966, 0.972),
+    "attention eps 0.2": (0.855, 0.970, 0.965, 0.972),
+    "PyTorch (hard) top-k": (0.844, 0.917, 0.952, 0.958),
+    "randomly initialised WR50": (0.577, 0.470, 0.591, 0.512),
+}
+"""ADFA paper, Table 3: ADFA ablation, image AUROC."""
+
+
+def paper_tables() -> list[str]:
+    """The ADFA paper's Table 1 and Table 3 as markdown lines, to read beside our results."""
+    lines = ["## The ADFA paper's numbers (WR50, 224 px, 200 epochs; their protocol validates on nothing)", ""]
+    for title, table, first in (
+        ("Table 1 (image AUROC)", PAPER_TABLE1, "Dataset"),
+        ("Table 3 (ADFA ablation, image AUROC)", PAPER_TABLE3, "Variant"),
+    ):
+        columns = table["columns"]
+        lines += [f"{title}:", "", f"| {first} | " + " | ".join(columns) + " |", "|" + "---|" * (1 + len(columns))]
+        lines += [
+            f"| {name} | " + " | ".join(f"{value:.3f}" for value in values) + " |"
+            for name, values in table.items()
+            if name != "columns"
+        ]
+        lines.append("")
+    return lines
 
 
 def plot(summary: pd.DataFrame, labels: Sequence[str], datasets: Sequence[str], path: Path) -> None:

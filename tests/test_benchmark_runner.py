@@ -13,7 +13,7 @@ import torch
 from anomalib_adfa.backbones import LITE0_BACKBONE, efficientnet_lite0_weights, load_state_dict_file
 from benchmarks import run
 from benchmarks.jobs import MedicalBenchmarkJob
-from benchmarks.metrics import auroc, best_f1, bootstrap_auroc_ci
+from benchmarks.metrics import auroc, best_f1, bootstrap_auroc_ci, operating_point
 from benchmarks.models import ModelSettings, UnsupportedModelError, build_model
 
 
@@ -48,6 +48,19 @@ def test_bootstrap_interval_brackets_the_auroc() -> None:
     assert interval.low < value < interval.high
     assert interval.low >= 0.0
     assert interval.high <= 1.0
+
+
+def test_operating_point_uses_the_validation_quantile_and_brackets_the_rates() -> None:
+    rng = np.random.default_rng(0)
+    val_normal = np.arange(1.0, 21.0)  # 0.9 quantile (rank 18) is 18
+    labels = np.r_[np.zeros(200, dtype=int), np.ones(100, dtype=int)]
+    scores = np.r_[rng.uniform(0, 20, 200), rng.uniform(15, 40, 100)]
+    point = operating_point(val_normal, labels, scores, 0.9, num_samples=500)
+    assert point.threshold == 18.0
+    assert point.specificity == pytest.approx((scores[:200] <= 18).mean())
+    assert point.sensitivity == pytest.approx((scores[200:] > 18).mean())
+    assert point.specificity_ci.low < point.specificity < point.specificity_ci.high
+    assert point.sensitivity_ci.low < point.sensitivity < point.sensitivity_ci.high
 
 
 def _lite0_settings() -> ModelSettings:
@@ -98,8 +111,16 @@ def test_smoke_run_writes_results_and_resumes(
     assert (results.image_AUROC <= results.image_AUROC_ci_high).all()
     assert (results.epochs == 1).all()
     assert (results.peak_rss_mb > 0).all()
+    assert (results.protocol == "paper").all()
+    assert results.test_specificity.between(0, 1).all()
+    assert (results.test_specificity_ci_low <= results.test_specificity).all()
+    assert (results.calibration_gap == results.test_specificity - 0.95).all()
+    assert not results.threshold_mismatch.any()  # the post-processor's threshold is the recomputed one
+    assert np.allclose(results.anomalib_image_Specificity, results.test_specificity, atol=1e-6)
     table = (run_dir / "results.md").read_text()
     assert "| Model | Covid |" in table
+    assert "F1 oracle (test-calibrated)" in table
+    assert "Table 1 (image AUROC)" in table
     assert "**" in table
     assert "capped by --max-epochs 1" in table
     assert (run_dir / "auroc.png").read_bytes()[:4] == b"\x89PNG"
@@ -143,7 +164,7 @@ def test_busi_run_writes_pixel_metrics_for_every_model_and_a_visual_report(
     busi_sample_root: Path, tmp_path: Path
 ) -> None:
     argv = [
-        *("--datasets", "busi", "--models", "adfa", "padim", "--seeds", "1024"),
+        *("--datasets", "busi", "--models", "adfa", "padim", "--seeds", "1024", "--protocol", "from_train"),
         *("--backbone", LITE0_BACKBONE, "--max-epochs", "1", "--image-size", "48", "--center-crop", "40"),
         *("--dataset-root", f"busi={busi_sample_root}", "--output-dir", str(tmp_path), "--run", "busi"),
     ]
@@ -155,14 +176,11 @@ def test_busi_run_writes_pixel_metrics_for_every_model_and_a_visual_report(
         assert results[name].between(0, 1).all(), name
         assert (results[f"{name}_ci_low"] <= results[name]).all(), name
         assert (results[name] <= results[f"{name}_ci_high"]).all(), name
-    # Label-free default validation (held-out training normals): ADFA's threshold at 95 % specificity on them.
-    assert results.set_index("model").pixel_threshold_source.to_dict() == {
-        "adfa": "val_spec95",
-        "padim": "val_normal_max",
-    }
+    # Label-free protocol: every model's pixel threshold at 95 % specificity on the held-out training normals.
+    assert results.set_index("model").pixel_threshold_source.to_dict() == {"adfa": "val_spec95", "padim": "val_spec95"}
     table = (run_dir / "results.md").read_text()
     assert "## Localisation (datasets with masks)" in table
-    assert "| BUSI | padim | 1 |" in table
+    assert "| BUSI | from_train | padim | 1 |" in table
     page = run_dir / "reports" / "report" / "index.html"
     assert "adfa (seed 1024)" in page.read_text()
     assert (page.parent / "roc_BUSI.png").is_file()

@@ -49,8 +49,8 @@ from anomalib import TaskType
 from anomalib.data.dataclasses import ImageItem
 from anomalib.data.datamodules.base.image import AnomalibDataModule
 from anomalib.data.datasets.base.image import AnomalibDataset
-from anomalib.data.utils.synthetic import SyntheticAnomalyDataset
 from anomalib.data.utils import LabelName, Split, TestSplitMode, ValSplitMode
+from anomalib.data.utils.synthetic import SyntheticAnomalyDataset
 from pandas import DataFrame
 from torchvision.tv_tensors import Mask
 
@@ -327,7 +327,7 @@ class MedicalDataModule(AnomalibDataModule):
         self.test_data.split = Split.TEST
 
     def _create_val_split(self) -> None:
-        """anomalib's validation split, with a seeded, machine-independent hold-out of training normals.
+        """Create anomalib's validation split, with a seeded, machine-independent hold-out of training normals.
 
         anomalib's ``from_train``/``synthetic`` draw the hold-out with torch's generator; here it is
         :func:`~anomalib_adfa.data.split.seeded_partition` of the image paths, as for the train/test split.
@@ -361,7 +361,7 @@ class MedicalDataModule(AnomalibDataModule):
         (folder / PROTOCOL_FILE).write_text(json.dumps(self.protocol, indent=2) + "\n")
 
     def state_dict(self) -> dict[str, Any]:
-        """What Lightning stores in checkpoints for this datamodule: the validation protocol and counts."""
+        """Return what Lightning stores in checkpoints for this datamodule: the validation protocol and counts."""
         return {"protocol": dict(getattr(self, "protocol", {}))}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -1,8 +1,9 @@
 """The image_AUROC anomalib prints equals the AUROC of the raw test scores.
 
 anomalib 2.7's default post-processor clamps normalised scores (ties); without normalisation,
-torchmetrics' sigmoid saturates unbounded scores (ties). With the datamodules' ``same_as_test``
-validation and :class:`RankPreservingPostProcessor`, the printed value is the raw AUROC.
+torchmetrics' sigmoid saturates unbounded scores (ties). With :class:`RankPreservingPostProcessor`
+(or ADFA's :class:`SpecificityPostProcessor`, which normalises the same way) the printed value is the
+raw AUROC under the paper's ``same_as_test`` validation and the label-free ``from_train`` default.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from anomalib.post_processing import PostProcessor
 from lightning.pytorch import Callback, LightningModule, Trainer
 from sklearn.metrics import roc_auc_score
 
-from anomalib_adfa import RankPreservingPostProcessor
+from anomalib_adfa import RankPreservingPostProcessor, SpecificityPostProcessor
 from anomalib_adfa.data import BrainMRI
 
 # Raw scores whose F1 threshold (0.3) sits near the bottom of their range: anomalib's
@@ -79,15 +80,21 @@ class RawScores(Callback):
         self.labels.append(outputs.gt_label.flatten().clone())
 
 
-def test_engine_prints_the_raw_auroc(brainmri_root: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("val_split_mode", "post_processor"),
+    [("same_as_test", RankPreservingPostProcessor), ("from_train", SpecificityPostProcessor)],
+)
+def test_engine_prints_the_raw_auroc(
+    brainmri_root: Path, tmp_path: Path, val_split_mode: str, post_processor: type[PostProcessor]
+) -> None:
     torch.manual_seed(0)
-    datamodule = BrainMRI(root=brainmri_root, eval_batch_size=64)
+    datamodule = BrainMRI(root=brainmri_root, eval_batch_size=64, val_split_mode=val_split_mode)
     model = Padim(
         backbone="resnet18",
         pre_trained=False,
         layers=["layer1", "layer2"],
         pre_processor=Padim.configure_pre_processor(image_size=(64, 64)),
-        post_processor=RankPreservingPostProcessor(),
+        post_processor=post_processor(),
         visualizer=False,
     )
     recorder = RawScores()

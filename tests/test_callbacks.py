@@ -1,0 +1,44 @@
+"""Label-free validation quantities and the checkpoint callback that selects by them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from anomalib_adfa.callbacks import LabelFreeCheckpoint, label_free_quantity, rank_auroc
+
+
+def test_rank_auroc_is_the_raw_scores_auroc_without_sigmoid_ties() -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 200)
+    scores = 1e4 + 100 * rng.normal(size=200) + 50 * labels  # a sigmoid would map all of these to 1.0
+    assert rank_auroc(torch.from_numpy(scores), torch.from_numpy(labels)) == pytest.approx(
+        roc_auc_score(labels, scores), abs=1e-6
+    )
+
+
+def test_quantities_on_known_scores() -> None:
+    scores = torch.tensor([1.0, 2.0, 3.0, 2.5, 10.0, 12.0])
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    assert label_free_quantity(scores, labels, "synthetic_auroc") == pytest.approx(8 / 9)  # 2.5 loses to 3
+    assert label_free_quantity(scores, labels, "normal_score") == pytest.approx(2.0)
+    # (mean synthetic - mean normal) / std of the normals = (8.1667 - 2) / 1.
+    assert label_free_quantity(scores, labels, "synthetic_separation") == pytest.approx(49 / 6 - 2)
+
+
+def test_quantities_refuse_a_validation_set_without_the_images_they_need() -> None:
+    normals = torch.tensor([0, 0, 0])
+    with pytest.raises(ValueError, match="val_split_mode synthetic"):
+        label_free_quantity(torch.tensor([1.0, 2.0, 3.0]), normals, "synthetic_auroc")
+    with pytest.raises(ValueError, match="needs normal validation images"):
+        label_free_quantity(torch.tensor([1.0, 2.0]), torch.tensor([1, 1]), "normal_score")
+
+
+def test_checkpoint_monitors_the_quantity_in_its_direction() -> None:
+    assert (LabelFreeCheckpoint().monitor, LabelFreeCheckpoint().mode) == ("val_synthetic_separation", "max")
+    normal = LabelFreeCheckpoint(quantity="normal_score")
+    assert (normal.monitor, normal.mode) == ("val_normal_score", "min")
+    with pytest.raises(ValueError, match="unknown selection quantity"):
+        LabelFreeCheckpoint(quantity="test_auroc")
