@@ -152,7 +152,7 @@ def test_a_failing_job_is_printed_and_recorded(
     ]
     assert run.main(argv) == 1
     out = capsys.readouterr().out
-    assert "covid__padim__seed1024: ERROR: RuntimeError: padim exploded" in out
+    assert "covid__padim__paper__seed1024: ERROR: RuntimeError: padim exploded" in out
     assert "Traceback" in out
     row = pd.read_csv(tmp_path / "broken" / "results.csv").iloc[0]
     assert row.status == "error"
