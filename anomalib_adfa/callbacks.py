@@ -1,7 +1,8 @@
 """Lightning callbacks for running ADFA with anomalib: a score table, and label-free checkpoint selection.
 
 anomalib's ``predict`` saves heatmap overlays (its ``ImageVisualizer``, under ``<run>/images``) but
-no table of scores. :class:`ScoreCSVWriter` adds ``<run>/scores.csv``, for ``Engine.predict`` and for
+no table of scores. :class:`EvaluationRecorder` keeps the raw test scores, maps and masks (for pixel metrics and
+``anomalib-adfa report``). :class:`ScoreCSVWriter` adds ``<run>/scores.csv``, for ``Engine.predict`` and for
 the CLI, where it is appended to the trainer's callbacks (the model options must match the
 checkpoint's architecture)::
 
@@ -25,15 +26,21 @@ needs no real anomaly (the AUROC of held-out normals against synthetic anomalies
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from anomalib.callbacks.checkpoint import ModelCheckpoint
 from anomalib.data import Batch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
+from torch.nn import functional as F  # noqa: N812
 from torchmetrics.functional.classification import binary_auroc
+
+from anomalib_adfa.mask_frame import crop_box, to_image_frame, transform_geometry
+from anomalib_adfa.pixel_metrics import threshold_label
 
 CSV_COLUMNS = ("image_path", "pred_score", "pred_label")
 
@@ -226,3 +233,178 @@ class LabelFreeCheckpoint(ModelCheckpoint):
         value = label_free_quantity(scores.cpu(), labels.cpu(), self.quantity)
         self.history.append((trainer.current_epoch, value))
         pl_module.log(self.monitor, value)
+
+
+REPORT_DATA_DIR = "report_data"
+"""Folder, below a run folder, where :class:`EvaluationRecorder` saves what ``anomalib-adfa report`` reads."""
+
+
+class EvaluationRecorder(Callback):
+    """Keep every test image's raw score, label, raw anomaly map and mask; optionally save them for a report.
+
+    Pass it to the trainer (``--trainer.callbacks+=anomalib_adfa.callbacks.EvaluationRecorder``), not to the model:
+    trainer callbacks run before the model's pre-processor and post-processor, so at batch start this sees the
+    image and mask as loaded, and at batch end the model's raw (not normalised) scores and maps.
+
+    Kept in memory, for metrics (:attr:`maps`, :attr:`masks`): maps and masks where they are compared, in
+    the pre-processor's frame (see :mod:`anomalib_adfa.mask_frame`): at the model input, or in the image's frame
+    when the mask was left there. Saved, when ``save`` is set, to ``<run>/report_data/`` at the end of testing
+    (``<run>`` is the trainer's ``default_root_dir``, anomalib's ``results/<Model>/<Dataset>/vN``, unless
+    ``output_dir`` is given):
+
+    - ``predictions.csv``: ``index, image_path, gt_label, pred_score`` (raw score), one row per test image;
+    - ``thumbnails.npz``: per image ``image_<i>`` (uint8, as loaded, longest side at most ``thumbnail_size``),
+      ``map_<i>`` (raw map in the image's frame, float16), ``mask_<i>`` (bool) and ``box_<i>`` (the part of the
+      image the model saw: top, left, height, width in thumbnail pixels);
+    - ``run.json``: model and dataset names, raw image and pixel thresholds of the post-processor and where they
+      come from, the mask resolution and the test metrics anomalib logged.
+
+    Args:
+        save: Write ``report_data/`` at the end of testing.
+        output_dir: Folder to write ``report_data/`` into, instead of the trainer's ``default_root_dir``.
+        thumbnail_size: Longest side of saved thumbnails.
+        label: Name of the run in the report (default: the model's class name).
+    """
+
+    def __init__(
+        self,
+        save: bool = True,
+        output_dir: str | Path | None = None,
+        thumbnail_size: int = 128,
+        label: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save = save
+        self.label = label
+        self.summary_path: Path | None = None
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.thumbnail_size = thumbnail_size
+        self._reset()
+
+    def _reset(self) -> None:
+        self.scores: list[float] = []
+        self.labels: list[int] = []
+        self.paths: list[str] = []
+        self.maps: list[torch.Tensor] = []
+        self.masks: list[torch.Tensor] = []
+        self._thumbnails: dict[str, np.ndarray] = {}
+        self._loaded: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        del trainer, pl_module
+        self._reset()
+
+    def on_test_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Batch, *args: Any) -> None:
+        del trainer, pl_module, args
+        mask = batch.gt_mask.detach().cpu().clone() if batch.gt_mask is not None else None
+        self._loaded = (batch.image.detach().cpu().clone(), mask)
+
+    def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Batch, *args: Any) -> None:
+        del trainer, args
+        images, loaded_masks = self._loaded or (outputs.image, outputs.gt_mask)
+        raw = outputs.anomaly_map.detach().cpu().float() if outputs.anomaly_map is not None else None
+        count = int(outputs.pred_score.numel())
+        paths = list(outputs.image_path) if outputs.image_path is not None else [""] * count
+        geometry = _frame_geometry(pl_module)
+        frame = (images.shape[-2], images.shape[-1])
+        in_frame = raw
+        if raw is not None and raw.shape[-2:] != frame:
+            if geometry is None:
+                msg = f"cannot place the {tuple(raw.shape[-2:])} anomaly maps in the {frame} image frame"
+                raise ValueError(msg)
+            in_frame = to_image_frame(raw.reshape(count, 1, *raw.shape[-2:]), frame, *geometry)
+        if raw is not None and outputs.gt_mask is not None:
+            compared = outputs.gt_mask.detach().cpu()
+            framed = in_frame if compared.shape[-2:] == frame else raw
+            self.maps.append(framed.reshape(count, *compared.shape[-2:]))
+            self.masks.append(compared.reshape(count, *compared.shape[-2:]).bool())
+        start = len(self.scores)
+        self.scores.extend(outputs.pred_score.detach().float().reshape(-1).cpu().tolist())
+        self.labels.extend(outputs.gt_label.reshape(-1).int().cpu().tolist())
+        self.paths.extend(str(path) for path in paths)
+        if self.save:
+            for offset in range(count):
+                mask = loaded_masks[offset] if loaded_masks is not None else None
+                heat = in_frame[offset] if in_frame is not None else None
+                self._thumbnail(start + offset, images[offset], mask, heat, frame, geometry)
+
+    def _thumbnail(
+        self,
+        index: int,
+        image: torch.Tensor,
+        mask: torch.Tensor | None,
+        heat: torch.Tensor | None,
+        frame: tuple[int, int],
+        geometry: tuple[tuple[int, int], tuple[int, int] | None] | None,
+    ) -> None:
+        scale = min(1.0, self.thumbnail_size / max(frame))
+        size = (max(1, round(frame[0] * scale)), max(1, round(frame[1] * scale)))
+        small = F.interpolate(image[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+        self._thumbnails[f"image_{index}"] = (small.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        if heat is not None:
+            heat_small = F.interpolate(heat.reshape(1, 1, *frame), size=size, mode="bilinear", align_corners=False)
+            self._thumbnails[f"map_{index}"] = heat_small[0, 0].numpy().astype(np.float16)
+        if mask is not None:
+            mask_small = F.interpolate(mask.reshape(1, 1, *frame).float(), size=size, mode="nearest")
+            self._thumbnails[f"mask_{index}"] = mask_small[0, 0].numpy() > 0.5
+        box = (0, 0, frame[0], frame[1])
+        if geometry is not None:
+            resized, crop = geometry
+            top, left, height, width = crop_box(resized, crop)
+            ratio_y, ratio_x = frame[0] / resized[0], frame[1] / resized[1]
+            box = (top * ratio_y, left * ratio_x, height * ratio_y, width * ratio_x)
+        self._thumbnails[f"box_{index}"] = np.asarray(box, dtype=np.float64) * scale
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.save or trainer.global_rank != 0:
+            return
+        folder = (self.output_dir or Path(trainer.default_root_dir)) / REPORT_DATA_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        with (folder / "predictions.csv").open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(("index", "image_path", "gt_label", "pred_score"))
+            writer.writerows(zip(range(len(self.scores)), self.paths, self.labels, self.scores, strict=True))
+        np.savez_compressed(folder / "thumbnails.npz", **self._thumbnails)
+        summary = _run_summary(trainer, pl_module)
+        summary["label"] = self.label or summary["model"]
+        self.summary_path = folder / "run.json"
+        self.summary_path.write_text(json.dumps(summary, indent=2))
+
+    def add_to_summary(self, **fields: Any) -> None:
+        """Add fields to the saved ``run.json`` (e.g. metrics computed after testing); nothing when not saved."""
+        if self.summary_path is None:
+            return
+        summary = json.loads(self.summary_path.read_text())
+        self.summary_path.write_text(json.dumps({**summary, **fields}, indent=2, default=str))
+
+
+def _frame_geometry(pl_module: LightningModule) -> tuple[tuple[int, int], tuple[int, int] | None] | None:
+    """Resize and crop sizes of the model's pre-processor, ``None`` when it has no invertible transform."""
+    transform = getattr(getattr(pl_module, "pre_processor", None), "transform", None)
+    try:
+        return transform_geometry(transform)
+    except ValueError:
+        return None
+
+
+def _run_summary(trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+    """Summarise the run for the report: names, thresholds and their sources, mask resolution, metrics."""
+    post_processor = getattr(pl_module, "post_processor", None)
+    datamodule = getattr(trainer, "datamodule", None)
+    mode = getattr(datamodule, "val_split_mode", None)
+
+    def raw(name: str) -> float | None:
+        value = getattr(post_processor, name, None)
+        return float(value) if isinstance(value, torch.Tensor) and value.numel() == 1 else None
+
+    return {
+        "model": type(pl_module).__name__,
+        "dataset": getattr(datamodule, "name", None) or type(datamodule).__name__,
+        "image_threshold": raw("image_threshold"),
+        "image_threshold_source": threshold_label(post_processor, mode, level="image"),
+        "pixel_threshold": raw("pixel_threshold"),
+        "pixel_threshold_source": threshold_label(post_processor, mode, level="pixel"),
+        "val_split_mode": getattr(mode, "value", mode),
+        "mask_resolution": getattr(getattr(pl_module, "pre_processor", None), "mask_resolution", "input"),
+        "metrics": {name: float(value) for name, value in trainer.callback_metrics.items() if torch.is_tensor(value)},
+    }

@@ -14,7 +14,9 @@ that the groups cover the signature, so a new argument cannot be forgotten):
   checkpoint's score normalisation and thresholds were fitted with its own scoring.
 * :data:`LOADING_IRRELEVANT_SETTINGS` only act before or during training (optimiser, feature cache,
   where the initial backbone weights came from: the backbone's weights are part of the state dict,
-  so a loaded model computes the checkpoint's features whatever it was initialised with).
+  so a loaded model computes the checkpoint's features whatever it was initialised with), or only
+  decide where evaluation compares the maps with masks (``mask_resolution``: the model's maps are
+  unchanged, see :mod:`anomalib_adfa.mask_frame`).
 
 Values are compared in effective form: ``input_normalization=None`` means "the backbone's own
 statistics", which for a Wide-ResNet are the ImageNet ones, so ``None`` and ``"imagenet"`` are the
@@ -55,6 +57,7 @@ LOADING_IRRELEVANT_SETTINGS = (
     "weight_decay",
     "cache_features",
     "cache_max_bytes",
+    "mask_resolution",
 )
 COMPONENT_ARGUMENTS = ("pre_processor", "post_processor", "evaluator", "visualizer")
 """Component objects: not hyperparameters (anomalib checkpoints their own configuration)."""

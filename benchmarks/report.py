@@ -23,7 +23,6 @@ _SUMMARY_METRICS = (
     "image_AUROC",
     "anomalib_image_AUROC",
     "image_F1_best",
-    "pixel_AUROC",
     "image_AUROC_ci_low",
     "image_AUROC_ci_high",
     "test_sensitivity",
@@ -48,6 +47,9 @@ _SUMMARY_METRICS = (
     "test_ms_per_image",
     "peak_rss_mb",
 )
+
+_PIXEL_METRICS = ("pixel_AUROC", "pixel_AUPRO", "pixel_Dice", "pixel_IoU")
+_PIXEL_SUMMARY = tuple(f"{name}{part}" for name in _PIXEL_METRICS for part in ("", "_ci_low", "_ci_high"))
 
 
 def markdown_table(frame: pd.DataFrame, digits: int = 3) -> str:
@@ -85,10 +87,12 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
     for (dataset, name, protocol), group in frame.groupby(["dataset", "label", "protocol"], sort=False):
         done = group[group.status == "ok"]
         row = {"dataset": dataset, "label": name, "protocol": protocol, "seeds": len(done)}
-        for metric in _SUMMARY_METRICS:
+        for metric in _SUMMARY_METRICS + _PIXEL_SUMMARY:
             values = done[metric].astype(float) if metric in done else pd.Series(dtype=float)
             row[f"{metric}_mean"] = values.mean()
             row[f"{metric}_std"] = values.std(ddof=0) if len(values) > 1 else np.nan
+        sources = done.get("pixel_threshold_source", pd.Series(dtype=object)).dropna()
+        row["pixel_threshold_source"] = ", ".join(sorted(set(map(str, sources))))
         row["mismatches"] = int(done["auroc_mismatch"].fillna(value=False).astype(bool).sum()) if len(done) else 0
         flags = done["threshold_mismatch"] if "threshold_mismatch" in done else pd.Series(dtype=bool)
         row["threshold_mismatches"] = int(flags.fillna(value=False).astype(bool).sum())
@@ -182,6 +186,35 @@ def details_table(summary: pd.DataFrame) -> str:
             f"{fmt(row.image_F1_best_mean)} | {fmt(row.pixel_AUROC_mean)} | "
             f"{fmt(row.fit_s_mean, 1)} ({fmt(row.train_s_mean, 1)}) | {fmt(row.test_ms_per_image_mean, 1)} | "
             f"{fmt(row.peak_rss_mb_mean, 0)} | {note.replace('|', '/')} |"
+        )
+    return "\n".join(lines)
+
+
+def pixel_table(summary: pd.DataFrame) -> str:
+    """Markdown table of the pixel metrics (mean over seeds, with the mean of the per-seed 95% bootstrap CIs).
+
+    Args:
+        summary: Output of :func:`summarise`.
+
+    Returns:
+        The table, or ``""`` when no job has pixel metrics.
+    """
+    rows = summary[summary.pixel_AUROC_mean.notna()]
+    if rows.empty:
+        return ""
+    lines = [
+        "| Dataset | Protocol | Model | Seeds | Pixel AUROC | AUPRO (FPR ≤ 0.3) | Dice | IoU | Dice/IoU threshold |",
+        "|" + "---|" * 9,
+    ]
+    for _, row in rows.iterrows():
+        cells = [
+            f"{row[f'{name}_mean']:.3f} [{row[f'{name}_ci_low_mean']:.3f}, {row[f'{name}_ci_high_mean']:.3f}]"
+            for name in _PIXEL_METRICS
+        ]
+        lines.append(
+            f"| {DATASET_TITLES.get(row.dataset, row.dataset)} | {row.protocol} | {row.label} | {row.seeds} | "
+            + " | ".join(cells)
+            + f" | {row.pixel_threshold_source} |"
         )
     return "\n".join(lines)
 

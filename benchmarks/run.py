@@ -41,6 +41,8 @@ from tqdm import tqdm
 
 from anomalib_adfa import Adfa
 from anomalib_adfa.backbones import LITE0_BACKBONE, efficientnet_lite0_weights
+from anomalib_adfa.mask_frame import MASK_RESOLUTIONS
+from anomalib_adfa.visual_report import write_report as write_html_report
 from benchmarks.jobs import DATASETS, PROTOCOLS, JobContext, JobSpec, MedicalBenchmarkJob
 from benchmarks.models import DOCUMENTED_EPOCHS, MODEL_NAMES, TARGET_SPECIFICITY, ModelSettings
 from benchmarks.report import (
@@ -49,6 +51,7 @@ from benchmarks.report import (
     label,
     operating_point_table,
     paper_tables,
+    pixel_table,
     plot,
     protocol_auroc_table,
     summarise,
@@ -80,7 +83,9 @@ of the untrained descriptors against the centres as the image score.
 """
 
 # Settings that change results; a run folder refuses to mix jobs with different values.
-_RUN_SETTINGS = ("backbone", "weights", "image_size", "center_crop", "max_epochs", "batch_size")
+_RUN_SETTINGS = ("backbone", "weights", "image_size", "center_crop", "max_epochs", "batch_size", "mask_resolution")
+# Settings added after runs were recorded, with the value those runs used.
+_SETTING_DEFAULTS = {"mask_resolution": "input"}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -112,6 +117,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--image-size", type=int, default=256, help="resize size (square)")
     parser.add_argument("--center-crop", type=int, default=224, help="centre crop after resizing; 0 for none")
+    parser.add_argument(
+        "--mask-resolution",
+        choices=MASK_RESOLUTIONS,
+        default="input",
+        help="compare maps with masks at the model input (after the crop) or in the image's own frame",
+    )
     parser.add_argument("--max-epochs", type=int, help="cap on every model's documented epoch count (CPU budgets)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--data-root", type=Path, default=Path("data"), help="folder holding the unzipped datasets")
@@ -125,7 +136,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--accelerator", default="cpu" if not torch.cuda.is_available() else "gpu")
     args = parser.parse_args(argv)
-    args.command = " ".join(sys.argv[1:] if argv is None else argv)
+    # The command that produced the results: --report-only only rewrites the report.
+    args.command = " ".join(arg for arg in (sys.argv[1:] if argv is None else argv) if arg != "--report-only")
     if args.backbone == LITE0_BACKBONE and args.weights is None:
         args.weights = efficientnet_lite0_weights()
     if args.max_epochs is not None and args.max_epochs < 1:
@@ -164,20 +176,30 @@ def job_specs(args: argparse.Namespace) -> list[JobSpec]:
     ]
 
 
-def make_context(args: argparse.Namespace) -> JobContext:
-    """Shared settings of the run's jobs."""
+def make_context(args: argparse.Namespace, run_dir: Path | None = None) -> JobContext:
+    """Shared settings of the run's jobs; with ``run_dir``, jobs save their test records in ``run_dir/reports``."""
     size = (args.image_size, args.image_size)
     crop = (args.center_crop, args.center_crop) if args.center_crop else None
 
     def pre_processor() -> Any:
-        return Adfa.configure_pre_processor(image_size=size, center_crop_size=crop, normalization=args.backbone)
+        return Adfa.configure_pre_processor(
+            image_size=size, center_crop_size=crop, normalization=args.backbone, mask_resolution=args.mask_resolution
+        )
 
     def settings(adfa_options: dict[str, Any]) -> ModelSettings:
-        options = {"image_size": size, "center_crop_size": crop, **adfa_options}
+        options = {
+            "image_size": size,
+            "center_crop_size": crop,
+            "mask_resolution": args.mask_resolution,
+            **adfa_options,
+        }
         return ModelSettings(args.backbone, args.weights, pre_processor, options)
 
     epochs = {name: min(count, args.max_epochs or count) for name, count in DOCUMENTED_EPOCHS.items()}
-    return JobContext(root=dataset_roots(args), settings=settings, epochs=epochs, batch_size=args.batch_size)
+    report_dir = run_dir / "reports" if run_dir is not None else None
+    return JobContext(
+        root=dataset_roots(args), settings=settings, epochs=epochs, batch_size=args.batch_size, report_dir=report_dir
+    )
 
 
 def _check_run_settings(run_dir: Path, args: argparse.Namespace) -> None:
@@ -186,6 +208,7 @@ def _check_run_settings(run_dir: Path, args: argparse.Namespace) -> None:
     path = run_dir / "settings.json"
     if path.is_file():
         saved = json.loads(path.read_text())
+        saved = {**_SETTING_DEFAULTS, **saved}
         changed = {name: (saved.get(name), value) for name, value in current.items() if saved.get(name) != value}
         if changed:
             detail = ", ".join(f"{name}: {old} -> {new}" for name, (old, new) in changed.items())
@@ -229,7 +252,7 @@ def machine_description() -> str:
 def write_report(
     run_dir: Path, specs: Sequence[JobSpec], args: argparse.Namespace, context: JobContext
 ) -> pd.DataFrame:
-    """Write ``results.csv``, ``summary.csv``, ``results.md`` and ``auroc.png`` for the run's jobs."""
+    """Write ``results.csv``, ``summary.csv``, ``results.md``, ``auroc.png`` and the HTML report for the run's jobs."""
     paths = [path for spec in specs if (path := run_dir / "jobs" / f"{spec.key}.json").is_file()]
     if not paths:
         msg = f"no finished jobs in {run_dir / 'jobs'} for this grid"
@@ -292,9 +315,36 @@ def write_report(
         "",
         "![image AUROC](auroc.png)",
         "",
+        *_pixel_section(summary, args),
     ]
     (run_dir / "results.md").write_text("\n".join(text))
     return summary
+
+
+def _pixel_section(summary: pd.DataFrame, args: argparse.Namespace) -> list[str]:
+    """Markdown of the pixel metrics, for datasets with masks."""
+    table = pixel_table(summary)
+    if not table:
+        return []
+    where = (
+        "at the model input (after resize and centre crop)" if args.mask_resolution == "input" else "in the image frame"
+    )
+    return [
+        "## Localisation (datasets with masks)",
+        "",
+        f"- Maps compared with masks {where} (`--mask-resolution {args.mask_resolution}`), from the raw maps.",
+        "- Mean over seeds of each seed's value, with the mean of the per-seed 95% bootstrap CIs over test images.",
+        "- AUPRO: anomalib's, up to FPR 0.3. Dice/IoU pooled over all test pixels at the model's post-processor "
+        "pixel threshold, whose source is in the last column: `val_spec95` = 95 % specificity on the validation "
+        "normals' pixels (label-free, ADFA's default post-processor); `val_normal_max` = anomalib's F1 threshold "
+        "on a validation set without anomalies, i.e. the highest validation normal pixel; a `test_` prefix means "
+        "the validation set was the test set (test-calibrated).",
+        "",
+        table,
+        "",
+        "Visual report: [reports/report/index.html](reports/report/index.html)",
+        "",
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -310,13 +360,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_dir = args.output_dir / (args.run or datetime.now(UTC).strftime("%Y-%m-%d-%H%M%S"))
     (run_dir / "jobs").mkdir(parents=True, exist_ok=True)
     _check_run_settings(run_dir, args)
-    context = make_context(args)
+    context = make_context(args, run_dir)
     specs = job_specs(args)
     if args.max_epochs:
         print(f"Epochs capped at {args.max_epochs}: {context.epochs}")
     if not args.report_only:
         run_jobs(specs, context, run_dir / "jobs", args.accelerator)
     summary = write_report(run_dir, specs, args, context)
+    if context.report_dir is not None and context.report_dir.is_dir():
+        print(f"Visual report: {write_html_report(context.report_dir, title=f'benchmark run {run_dir.name}')}")
     for _, row in summary[summary.status != "ok"].iterrows():
         print(f"NOT RUN: {row.label} on {row.dataset}: {row.status}: {row.error}")
     print(f"Results in {run_dir}: results.csv, results.md, auroc.png")

@@ -13,7 +13,7 @@ import torch
 from anomalib_adfa.backbones import LITE0_BACKBONE, efficientnet_lite0_weights, load_state_dict_file
 from benchmarks import run
 from benchmarks.jobs import MedicalBenchmarkJob
-from benchmarks.metrics import auroc, best_f1, bootstrap_auroc_ci, operating_point, pixel_auroc
+from benchmarks.metrics import auroc, best_f1, bootstrap_auroc_ci, operating_point
 from benchmarks.models import ModelSettings, UnsupportedModelError, build_model
 
 
@@ -61,13 +61,6 @@ def test_operating_point_uses_the_validation_quantile_and_brackets_the_rates() -
     assert point.sensitivity == pytest.approx((scores[200:] > 18).mean())
     assert point.specificity_ci.low < point.specificity < point.specificity_ci.high
     assert point.sensitivity_ci.low < point.sensitivity < point.sensitivity_ci.high
-
-
-def test_pixel_auroc_of_a_perfect_map() -> None:
-    masks = torch.zeros(2, 8, 8)
-    masks[0, 2:4, 2:4] = 1
-    assert pixel_auroc(masks, masks * 5 + 1) == pytest.approx(1.0)
-    assert pixel_auroc(masks, -masks) == pytest.approx(0.0)
 
 
 def _lite0_settings() -> ModelSettings:
@@ -165,3 +158,29 @@ def test_a_failing_job_is_printed_and_recorded(
     assert row.status == "error"
     assert row.error == "RuntimeError: padim exploded"
     assert "NOT RUN: padim on covid: error" in out
+
+
+def test_busi_run_writes_pixel_metrics_for_every_model_and_a_visual_report(
+    busi_sample_root: Path, tmp_path: Path
+) -> None:
+    argv = [
+        *("--datasets", "busi", "--models", "adfa", "padim", "--seeds", "1024", "--protocol", "from_train"),
+        *("--backbone", LITE0_BACKBONE, "--max-epochs", "1", "--image-size", "48", "--center-crop", "40"),
+        *("--dataset-root", f"busi={busi_sample_root}", "--output-dir", str(tmp_path), "--run", "busi"),
+    ]
+    assert run.main(argv) == 0
+    run_dir = tmp_path / "busi"
+    results = pd.read_csv(run_dir / "results.csv")
+    assert sorted(results.model) == ["adfa", "padim"]
+    for name in ("pixel_AUROC", "pixel_AUPRO", "pixel_Dice", "pixel_IoU"):
+        assert results[name].between(0, 1).all(), name
+        assert (results[f"{name}_ci_low"] <= results[name]).all(), name
+        assert (results[name] <= results[f"{name}_ci_high"]).all(), name
+    # Label-free protocol: every model's pixel threshold at 95 % specificity on the held-out training normals.
+    assert results.set_index("model").pixel_threshold_source.to_dict() == {"adfa": "val_spec95", "padim": "val_spec95"}
+    table = (run_dir / "results.md").read_text()
+    assert "## Localisation (datasets with masks)" in table
+    assert "| BUSI | from_train | padim | 1 |" in table
+    page = run_dir / "reports" / "report" / "index.html"
+    assert "adfa (seed 1024)" in page.read_text()
+    assert (page.parent / "roc_BUSI.png").is_file()

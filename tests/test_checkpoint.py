@@ -163,8 +163,13 @@ def test_a_different_scoring_setting_is_applied_and_logged(
 
 @pytest.mark.parametrize(
     "change",
-    [{"pre_trained": True, "backbone_weights": "lite0"}, {"lr": 0.5, "weight_decay": 0.0}, {"cache_features": False}],
-    ids=["backbone_weights", "optimiser", "cache"],
+    [
+        {"pre_trained": True, "backbone_weights": "lite0"},
+        {"lr": 0.5, "weight_decay": 0.0},
+        {"cache_features": False},
+        {"mask_resolution": "original"},
+    ],
+    ids=["backbone_weights", "optimiser", "cache", "mask_resolution"],
 )
 def test_settings_that_do_not_reach_a_loaded_model_are_accepted(change: dict, checkpoint_path: Path) -> None:
     if change.get("backbone_weights") == "lite0":

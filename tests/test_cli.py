@@ -38,9 +38,10 @@ def test_demo_runs_offline_and_reports_auroc(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     last_line = result.stdout.strip().splitlines()[-1]
-    match = re.fullmatch(r"image_AUROC=(\d\.\d{4})", last_line)
+    match = re.fullmatch(r"image_AUROC=(\d\.\d{4}) pixel_AUROC=(\d\.\d{4})", last_line)
     assert match, result.stdout[-2000:]
     assert 0.0 <= float(match.group(1)) <= 1.0
+    assert 0.5 < float(match.group(2)) <= 1.0  # lesions are brighter or darker than tissue: better than chance
     overlays = sorted((output / "overlays").glob("*.png"))
     assert len(overlays) == 3
     for overlay in overlays:
