@@ -167,6 +167,19 @@ def _torch_predictions(model: Adfa, paths: list[Path]) -> list:
         return [model(read_image(path, as_tensor=True).unsqueeze(0)) for path in paths]
 
 
+def _run_default_consumers(xml_path: Path, onnx_path: Path, paths: list[Path], cwd: Path) -> dict[str, list[dict]]:
+    """Predictions of :data:`DEFAULT_CONSUMERS` (OpenVINO and ONNX Runtime, fresh process) for ``paths``."""
+    result = subprocess.run(
+        [sys.executable, "-c", DEFAULT_CONSUMERS, str(xml_path), str(onnx_path), *map(str, paths)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def _assert_same_decisions(runtime: str, mode: str, exported: list[dict], expected: list, paths: list[Path]) -> None:
     labels = [row["label"] for row in exported]
     expected_labels = [int(prediction.pred_label.item()) for prediction in expected]
@@ -203,15 +216,7 @@ def test_default_consumers_give_torch_labels_on_every_test_image(
     assert any(tuple(tensor.dims) == tuple(model.model.centers.shape) for tensor in graph.graph.initializer)
     xml_path = engine.export(model, "openvino", export_root=tmp_path / "openvino")
 
-    result = subprocess.run(
-        [sys.executable, "-c", DEFAULT_CONSUMERS, str(xml_path), str(onnx_path), *map(str, test_images)],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    exported = json.loads(result.stdout.strip().splitlines()[-1])
+    exported = _run_default_consumers(xml_path, onnx_path, test_images, tmp_path)
     for runtime in ("openvino", "onnxruntime"):
         _assert_same_decisions(runtime, mode, exported[runtime], expected, test_images)
 
@@ -282,15 +287,7 @@ def test_cli_openvino_export_runs_in_a_default_openvino_inferencer_without_the_p
     (xml_path,) = tmp_path.rglob("model.xml")
     onnx_path = model.to_onnx(export_root=tmp_path / "onnx", input_size=None)
 
-    result = subprocess.run(
-        [sys.executable, "-c", DEFAULT_CONSUMERS, str(xml_path), str(onnx_path), *map(str, image_paths)],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    exported = json.loads(result.stdout.strip().splitlines()[-1])
+    exported = _run_default_consumers(xml_path, onnx_path, image_paths, tmp_path)
     _assert_same_decisions("openvino", "cli", exported["openvino"], _torch_predictions(model, image_paths), image_paths)
 
 
