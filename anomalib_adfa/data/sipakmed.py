@@ -115,7 +115,7 @@ class SIPaKMeD(MedicalDataModule):
         val_augmentations: Augmentations of validation images.
         test_augmentations: Augmentations of test images.
         augmentations: Augmentations of any split without its own.
-        val_split_mode: Where the validation set comes from (see
+        val_split_mode: Validation protocol, ``from_train`` by default (see
             :class:`~anomalib_adfa.data.base.MedicalDataModule`; not ``from_dir``).
         val_split_ratio: Fraction used by the ``from_test``, ``from_train`` and ``synthetic`` modes.
 
@@ -141,7 +141,7 @@ class SIPaKMeD(MedicalDataModule):
         val_augmentations: Transform | None = None,
         test_augmentations: Transform | None = None,
         augmentations: Transform | None = None,
-        val_split_mode: ValSplitMode | str = ValSplitMode.SAME_AS_TEST,
+        val_split_mode: ValSplitMode | str = ValSplitMode.FROM_TRAIN,
         val_split_ratio: float = 0.5,
     ) -> None:
         super().__init__(

@@ -103,3 +103,17 @@ def test_a_hold_out_ratio_outside_zero_one_is_refused(brainmri_layout: Path, rat
 def test_a_hold_out_that_leaves_no_image_is_refused(brainmri_layout: Path) -> None:
     with pytest.raises(ValueError, match="both need at least one image"):
         _setup(brainmri_layout, val_split_ratio=0.01)
+
+
+@pytest.mark.parametrize("name", ["BrainMRI", "Covid", "BUSI", "SIPaKMeD", "MedicalFolder"])
+def test_every_datamodule_defaults_to_the_label_free_protocol(name: str) -> None:
+    import inspect
+
+    from anomalib_adfa import data
+    from anomalib_adfa.data.base import MedicalDataModule
+
+    base_default = inspect.signature(MedicalDataModule.__init__).parameters["val_split_mode"].default
+    parameter = inspect.signature(getattr(data, name).__init__).parameters.get("val_split_mode")
+    assert base_default == ValSplitMode.FROM_TRAIN
+    # Datamodules that spell the argument out must not keep an older default; the others inherit the base's.
+    assert parameter is None or parameter.kind is parameter.VAR_KEYWORD or parameter.default == base_default
