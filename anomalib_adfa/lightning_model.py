@@ -18,7 +18,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import logging
 from collections.abc import Iterable, Iterator, Sequence
@@ -406,7 +405,7 @@ class Adfa(AnomalibModule):
         Returns:
             Path of the ``.xml`` file.
         """
-        ov_kwargs = copy.copy(ov_kwargs) or {}
+        ov_kwargs = dict(ov_kwargs or {})
         precision = ov_kwargs.pop("inference_precision", "f32")
         if precision not in {"f32", "bf16", "f16"}:
             msg = f"inference_precision must be 'f32', 'bf16' or 'f16', got {precision!r}"

@@ -51,6 +51,7 @@ from anomalib.data import Batch
 from anomalib.metrics import AnomalibMetric
 from anomalib.metrics.threshold import Threshold
 from anomalib.post_processing import PostProcessor
+from torchmetrics.aggregation import CatMetric
 from torchmetrics.utilities.data import dim_zero_cat
 
 logger = logging.getLogger(__name__)
@@ -79,20 +80,22 @@ class RankPreservingPostProcessor(PostProcessor):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._validation_scores: list[torch.Tensor] = []
+        # A torchmetrics state, so that under DDP every rank moves the threshold with the scores of all ranks,
+        # as the threshold itself was fitted.
+        self._validation_scores = CatMetric()
 
     def on_validation_batch_end(self, trainer: Any, pl_module: Any, outputs: Batch, *args: Any, **kwargs: Any) -> None:
         """Fit as anomalib does, and keep the raw image scores for :meth:`threshold_in_gap`."""
         super().on_validation_batch_end(trainer, pl_module, outputs, *args, **kwargs)
         if self.enable_thresholding and outputs.pred_score is not None:
-            self._validation_scores.append(outputs.pred_score.detach().flatten().cpu())
+            self._validation_scores.update(outputs.pred_score.detach().flatten())
 
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         """Fit the thresholds and the normalisation as anomalib does, then move the image threshold into its gap."""
         super().on_validation_epoch_end(trainer, pl_module)
-        if self._validation_scores:
-            scores = torch.cat(self._validation_scores)
-            self._validation_scores = []
+        if self._validation_scores.update_called:
+            scores = self._validation_scores.compute().flatten()
+            self._validation_scores.reset()
             if not torch.isnan(self._image_threshold):
                 self._image_threshold.copy_(self.threshold_in_gap(self._image_threshold, scores, self.gap_side))
 
