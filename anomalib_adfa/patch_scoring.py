@@ -26,21 +26,27 @@ more matmul per chunk. In hard mode only the ``K`` selected distances are kept.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
+from pathlib import Path
 from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
 
+from anomalib_adfa import chunk_kernels
 from anomalib_adfa.soft_topk import (
     TopKMode,
     TopKSettings,
     default_tolerance,
     may_exit_early,
+    moment_start,
+    nearest_subset_start,
+    newton_step,
     newton_threshold,
     reference_logit_map,
     sharp_logit_map,
-    topk_weight_grad,
 )
 
 DistanceMode = Literal["kl_weighted", "squared", "euclidean"]
@@ -121,57 +127,196 @@ def distance_operands(
 def operand_distances(patch_operand: torch.Tensor, center_operand: torch.Tensor, euclidean: bool) -> torch.Tensor:
     """Distances from the operands of :func:`distance_operands`, for a chunk of patches.
 
+    The squared distances are returned as the matmul gives them, rounding below 0 included: every consumer
+    clamps them at 0 inside its own pass (:mod:`anomalib_adfa.chunk_kernels`) instead of spending one on it.
+
     Args:
-        patch_operand: Shape ``(B, t, D' + 2)``.
+        patch_operand: Shape ``(..., D' + 2)``.
         center_operand: Shape ``(N, D' + 2)``.
-        euclidean: Take the square root (the ``"euclidean"`` mode).
+        euclidean: Take the square root of the clamped squared distances (the ``"euclidean"`` mode).
 
     Returns:
-        Distances ``(B, t, N)``, clamped at 0 against rounding.
+        Distances ``(..., N)``.
     """
-    distances = torch.matmul(patch_operand, center_operand.T).clamp_min_(0.0)
-    return distances.add_(EUCLIDEAN_EPS).sqrt_() if euclidean else distances
+    distances = torch.matmul(patch_operand, center_operand.T)
+    return distances.clamp_min_(0.0).add_(EUCLIDEAN_EPS).sqrt_() if euclidean else distances
 
 
-# Elements of one chunk of the patch-by-centre matrix: small enough for the per-chunk passes of the
-# threshold search to stay in cache, large enough for the Python overhead per chunk to vanish.
+# Elements of one chunk of the patch-by-centre matrix in exported graphs, per image (an exported graph must not
+# depend on the machine that exported it). Eager runs size chunks to the cache (default_chunk_elements).
 CHUNK_ELEMENTS = 1 << 20
 
+# Nearest distances whose threshold problem starts the sharp mode's search (nearest_subset_start). On a Lite0
+# BrainMRI batch the first evaluation of the full rows then met the tolerance on 99.9 % of rows (16: on all, at a
+# costlier selection; K + 1 = 4: on under half, most others needing two or three more); _search_chunk carries the
+# few others on alone.
+SHARP_START_NEAREST = 8
 
-class _ScoreState(NamedTuple):
-    """What the backward pass of :class:`_FusedScores` needs, per chunk of patch rows.
+# Assumed size of the last-level cache where the operating system does not report it.
+DEFAULT_CACHE_BYTES = 32 << 20
 
-    In the soft modes the weights of chunk ``i`` are ``sigmoid(betas[i] - slope * distances[i])``.
+
+@functools.cache
+def last_level_cache_bytes() -> int:
+    """Size of the largest CPU cache (Linux sysfs), or :data:`DEFAULT_CACHE_BYTES` where it cannot be read."""
+    sizes = []
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = entry.read_text().strip().upper()
+        multiplier = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * multiplier)
+    return max(sizes, default=DEFAULT_CACHE_BYTES)
+
+
+def default_chunk_elements(dtype: torch.dtype) -> int:
+    """Chunk size of eager runs: a sixth of the last-level cache (2 M float32 elements on a 48 MiB L3).
+
+    A chunk, its weights and (written over them) its gradient then stay in cache with part of the image's
+    distances. Measured on the 2-core Xeon (48 MiB L3) with ``benchmarks/train_speed.py``'s step, as a ratio to
+    its floor: reference mode 1.16 at 2 M elements and 1.50 at 4 M with WR50 dimensions, 1.18 and 1.16 with
+    Lite0's; sharp mode 1.20 and 1.28 (WR50), 1.68 and 1.82 (Lite0). Chunks of 1 M and less paid Python and
+    dispatch overhead (Lite0 reference 1.70 at 1 M, 1.82 at 0.5 M), chunks of 8 M and more left the cache
+    (1.62 at 8 M, 2.00 at 16 M).
+    """
+    return max(CHUNK_ELEMENTS // 4, last_level_cache_bytes() // (6 * torch.finfo(dtype).bits // 8))
+
+
+class Chunking(NamedTuple):
+    """How the patch-by-centre block of a batch is traversed.
+
+    Attributes:
+        images_per_sweep: Images whose whole distance block is computed before their search runs; as many as
+            fit the last-level cache (at least one), so that the second sweep of the soft modes reads from cache.
+        rows_per_chunk: Patch rows per image in one chunk of the sweep.
     """
 
-    bounds: list[tuple[int, int]]
-    distances: list[torch.Tensor]
-    slope: torch.Tensor | None
-    betas: list[torch.Tensor]
-    clamped: list[bool]
-    indices: torch.Tensor | None
-    values: torch.Tensor | None
+    images_per_sweep: int
+    rows_per_chunk: int
+
+
+def chunking_for(
+    batch: int, num_patches: int, num_centers: int, dtype: torch.dtype, chunk_elements: int, batch_agnostic: bool
+) -> Chunking:
+    """Choose the :class:`Chunking` of a batch: chunks of about ``chunk_elements``, sweeps sized to the cache.
+
+    A ``batch_agnostic`` traversal (for exported graphs, which take any batch size) sweeps the whole batch at
+    once and sizes chunks per image.
+    """
+    if batch_agnostic:
+        return Chunking(batch, max(1, chunk_elements // num_centers))
+    block_bytes = num_patches * num_centers * torch.finfo(dtype).bits // 8
+    images = max(1, min(batch, last_level_cache_bytes() // block_bytes))
+    return Chunking(images, max(1, chunk_elements // (images * num_centers)))
+
+
+def _sweeps(
+    patch_operand: torch.Tensor,
+    center_operand: torch.Tensor,
+    topk: TopKSettings,
+    euclidean: bool,
+    chunking: Chunking,
+    tol: float | None,
+    with_gradient: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`_score_forward` over the batch, :attr:`Chunking.images_per_sweep` images at a time."""
+    step, batch = chunking.images_per_sweep, patch_operand.shape[0]
+    if step >= batch:  # no slicing, so that a traced graph keeps its batch dimension free
+        return _score_forward(
+            patch_operand, center_operand, topk, euclidean, chunking.rows_per_chunk, tol, with_gradient
+        )
+    parts = [
+        _score_forward(
+            patch_operand[start : start + step],
+            center_operand,
+            topk,
+            euclidean,
+            chunking.rows_per_chunk,
+            tol,
+            with_gradient,
+        )
+        for start in range(0, batch, step)
+    ]
+    scores = torch.cat([part[0] for part in parts])
+    return scores, torch.cat([part[1] for part in parts]) if with_gradient else None
+
+
+def selection_block(num_centers: int, count: int) -> int:
+    """Group size of :func:`smallest_distances`: the largest divisor of ``N`` not above ``sqrt(N / count)``."""
+    limit = math.isqrt(max(1, num_centers // count))
+    return max(size for size in range(1, limit + 1) if num_centers % size == 0)
+
+
+def smallest_distances(distances: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the ``count`` smallest clamped distances of each row, increasing, and their columns.
+
+    ``torch.topk`` over a full row costs several passes; instead the columns are cut into ``N / m`` groups of
+    ``m`` (:func:`selection_block`; group ``g`` holds the columns ``g, g + N/m, g + 2N/m, ...``, so that one
+    vectorised pass takes every group's minimum), and ``topk`` runs on the group minima and then on the
+    ``count`` groups with the smallest minima only. This is exact: an element among the ``count`` smallest of
+    its row that lay in another group would be exceeded by at least ``count`` other elements, the minima of
+    the chosen groups.
+
+    Args:
+        distances: Raw distances ``(R, N)``.
+        count: Number of distances per row, at most ``N``.
+
+    Returns:
+        Values ``(R, count)`` and column indices ``(R, count)``.
+    """
+    num_centers = distances.shape[-1]
+    size = selection_block(num_centers, count)
+    if size == 1:
+        values, indices = torch.topk(distances, count, dim=-1, largest=False)
+        return values.clamp_min(0.0), indices
+    groups = num_centers // size
+    minima = chunk_kernels.group_minima(distances, size)
+    chosen = torch.topk(minima, count, dim=-1, largest=False).indices
+    columns = (chosen.unsqueeze(-1) + groups * torch.arange(size, device=distances.device)).flatten(1)
+    values, picked = torch.topk(distances.gather(1, columns), count, dim=-1, largest=False)
+    return values.clamp_min(0.0), columns.gather(1, picked)
+
+
+class _Search(NamedTuple):
+    """Per-row search of a soft mode for weights ``sigmoid(beta - slope * (d - shift))``; fields ``(B, T, 1)``."""
+
+    slope: torch.Tensor
+    shift: torch.Tensor
+    start: torch.Tensor
+    lower: torch.Tensor
+    upper: torch.Tensor
 
 
 def _chunk_bounds(num_rows: int, rows_per_chunk: int) -> list[tuple[int, int]]:
     return [(start, min(start + rows_per_chunk, num_rows)) for start in range(0, num_rows, rows_per_chunk)]
 
 
-def _rows(value: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """Rows ``start:stop`` of a per-row ``(B, T, 1)`` coefficient; per-image ``(B, 1, 1)`` ones are returned whole."""
-    return value if value.shape[1] == 1 else value[:, start:stop]
+def _sharp_start_count(k: int, num_centers: int) -> int:
+    return min(num_centers, max(k + 1, SHARP_START_NEAREST))
 
 
-def _chunk_weights(beta: torch.Tensor, distances: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
-    r"""Weights :math:`\sigma(\beta - b d)` of a chunk, with the argument floored at :math:`\log\sqrt{\text{tiny}}`.
+def _reference_search(statistics: torch.Tensor, shift: torch.Tensor, topk: TopKSettings, n: int) -> _Search:
+    """Search of the ``"reference"`` mode from the :data:`~anomalib_adfa.chunk_kernels.row_extremes` of every row."""
+    d_min, d_max, centred_sum, centred_square = statistics.unbind(dim=-1)
+    mapping = reference_logit_map(d_min.amin(dim=1).view(-1, 1, 1), d_max.amax(dim=1).view(-1, 1, 1), topk.epsilon)
+    slope = mapping.slope.expand(*d_min.shape, 1)  # x = offset - slope * d, so beta = tau + offset - slope * shift
+    shift = shift.unsqueeze(-1)
+    centred_mean = (centred_sum / n).unsqueeze(-1)
+    variance = (centred_square / n).unsqueeze(-1) - centred_mean.square()
+    logit_ratio = math.log(topk.k / (n - topk.k))
+    lower = logit_ratio + slope * (d_min.unsqueeze(-1) - shift)
+    upper = logit_ratio + slope * (d_max.unsqueeze(-1) - shift)
+    start = moment_start(centred_mean, variance.clamp_min(0.0), slope, topk.k, n)
+    return _Search(slope, shift, torch.minimum(torch.maximum(start, lower), upper), lower, upper)
 
-    The floor changes weights below :math:`\sqrt{\text{tiny}}` (about 1e-19 in float32), far below the
-    precision of any row sum, and keeps both the sigmoid off its slow overflow path and the squared
-    weights of the Newton slope out of the subnormal range, which together slow the sharp mode's widely
-    spread logits several-fold on CPU.
-    """
-    floor = 0.5 * math.log(torch.finfo(distances.dtype).tiny)
-    return torch.addcmul(beta, distances, slope, value=-1.0).clamp_min_(floor).sigmoid_()
+
+def _sharp_search(nearest: torch.Tensor, topk: TopKSettings, n: int, tol: float | None) -> _Search:
+    """Search of the ``"sharp"`` mode from the :func:`_sharp_start_count` smallest distances of every row."""
+    mapping = sharp_logit_map(nearest[..., : topk.k + 1], topk.k, topk.epsilon)  # x = offset - slope * (d - shift)
+    # The subset's residual carries over into the full rows' first evaluation: solve it well inside the tolerance.
+    start, upper = nearest_subset_start(mapping(nearest), topk.k, topk.max_steps, None if tol is None else tol / 16)
+    lower = math.log(topk.k / (n - topk.k)) + torch.zeros_like(start)  # at d = shift, the nearest distance
+    return _Search(mapping.slope, mapping.shift, start + mapping.offset, lower + mapping.offset, upper + mapping.offset)
 
 
 def _score_forward(
@@ -181,70 +326,117 @@ def _score_forward(
     euclidean: bool,
     rows_per_chunk: int,
     tol: float | None,
-) -> tuple[torch.Tensor, _ScoreState]:
-    r"""Patch scores ``(B, T)`` chunk by chunk, and the state for the backward pass.
+    with_gradient: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    r"""Patch scores ``(B, T)`` chunk by chunk, and with ``with_gradient`` their gradient directions.
 
-    The logits :math:`x = a - b (d - c)` of :class:`LogitMap` are never materialised: the search runs
-    on :math:`\beta = \tau + a + b c`, so that every step costs one fused multiply-add and one sigmoid
-    over the chunk, and the bracket and uniform start come from each row's extreme and mean distance.
+    The gradient directions are :math:`G \hat c` per unit of upstream gradient, ``(B, T, D' + 2)``: each row's
+    score depends on its patch only, so the upstream gradient of the backward pass scales rows and the matmul
+    with the centre operand can run here, on chunks still in cache, instead of on stored distances.
+
+    Hard mode keeps the ``K`` smallest distances of each chunk (:func:`smallest_distances`). The soft modes
+    make two sweeps: the first computes every chunk's distances with what the search needs to start (row
+    extremes and moments in reference mode, whose normaliser is image-wide; the ``K + 1`` nearest in sharp
+    mode), the starts are then computed for all rows at once, and the second sweep runs the search of
+    :func:`~anomalib_adfa.soft_topk.newton_threshold` on each chunk with one pass per evaluation
+    (:data:`~anomalib_adfa.chunk_kernels.weight_sums`), then the gradient pass and its matmul.
     """
-    bounds = _chunk_bounds(patch_operand.shape[1], rows_per_chunk)
-    chunks = (operand_distances(patch_operand[:, a:b], center_operand, euclidean) for a, b in bounds)
-    if topk.mode == "hard":
-        values, indices = zip(*(torch.topk(chunk, topk.k, dim=-1, largest=False) for chunk in chunks), strict=True)
-        values, indices = torch.cat(values, dim=1), torch.cat(indices, dim=1)
-        return values.sum(dim=-1), _ScoreState(bounds, [], None, [], [], indices, values)
-    distances = list(chunks)
-    d_min = torch.cat([chunk.amin(dim=-1, keepdim=True) for chunk in distances], dim=1)
-    d_max = torch.cat([chunk.amax(dim=-1, keepdim=True) for chunk in distances], dim=1)
-    if topk.mode == "reference":
-        mapping = reference_logit_map(d_min.amin(dim=1, keepdim=True), d_max.amax(dim=1, keepdim=True), topk.epsilon)
-    elif topk.mode == "sharp":
-        nearest = torch.cat([torch.topk(chunk, topk.k + 1, dim=-1, largest=False).values for chunk in distances], 1)
-        mapping = sharp_logit_map(nearest, topk.k, topk.epsilon)
-    else:
-        msg = f"unknown top-k mode {topk.mode!r}"
-        raise ValueError(msg)
-    logit_ratio = math.log(topk.k / (center_operand.shape[0] - topk.k))
-    slope = mapping.slope
-    intercept = mapping.offset + mapping.shift * slope  # x = intercept - slope * d
-    lower, upper = logit_ratio + slope * d_min, logit_ratio + slope * d_max
-    scores, betas = [], []
-    for (a, b), chunk in zip(bounds, distances, strict=True):
-        row_slope = _rows(slope, a, b)
-        if mapping.start is None:
-            start = logit_ratio + row_slope * chunk.mean(dim=-1, keepdim=True)
-        else:
-            start = mapping.start[:, a:b] + _rows(intercept, a, b)
-        beta, weights = newton_threshold(
-            lambda beta, chunk=chunk, row_slope=row_slope: _chunk_weights(beta, chunk, row_slope),
-            topk.k,
-            start,
-            lower[:, a:b],
-            upper[:, a:b],
-            topk.max_steps,
-            tol,
-        )
-        scores.append((weights * chunk).sum(dim=-1))
-        betas.append(beta)
+    batch, num_patches, width = patch_operand.shape
+    num_centers = center_operand.shape[0]
+    bounds = _chunk_bounds(num_patches, rows_per_chunk)
     zero = math.sqrt(EUCLIDEAN_EPS) if euclidean else 0.0  # the distance of a clamped squared distance
-    clamped = [bool((d_min[:, a:b] <= zero).any()) if may_exit_early() else True for a, b in bounds]
-    return torch.cat(scores, dim=1), _ScoreState(bounds, distances, slope, betas, clamped, None, None)
+    scores: list[torch.Tensor] = []
+    directions: list[torch.Tensor] = []
+
+    def chunk_distances(a: int, b: int) -> torch.Tensor:
+        return operand_distances(patch_operand[:, a:b].reshape(-1, width), center_operand, euclidean)
+
+    if topk.mode == "hard":
+        for a, b in bounds:
+            values, indices = smallest_distances(chunk_distances(a, b), topk.k)
+            scores.append(values.sum(dim=-1).view(batch, b - a))
+            if with_gradient:
+                chain = 0.5 / values if euclidean else torch.ones_like(values)
+                chain = torch.where(values > zero, chain, 0.0)
+                directions.append((chain.unsqueeze(-2) @ center_operand[indices]).view(batch, b - a, width))
+        return torch.cat(scores, dim=1), torch.cat(directions, dim=1) if with_gradient else None
+
+    distances, statistics = [], []
+    if topk.mode == "reference":
+        shift = patch_operand @ center_operand.mean(dim=0)  # the rows' mean squared distance, (B, T)
+        shift = shift.clamp_min(0.0).add(EUCLIDEAN_EPS).sqrt() if euclidean else shift
+    for a, b in bounds:
+        chunk = chunk_distances(a, b)
+        if topk.mode == "reference":
+            part = chunk_kernels.row_extremes(chunk, shift[:, a:b].reshape(-1, 1))
+        elif topk.mode == "sharp":
+            part = smallest_distances(chunk, _sharp_start_count(topk.k, num_centers))[0]
+        else:
+            msg = f"unknown top-k mode {topk.mode!r}"
+            raise ValueError(msg)
+        distances.append(chunk)
+        statistics.append(part.view(batch, b - a, -1))
+    statistics = torch.cat(statistics, dim=1)
+    if topk.mode == "reference":
+        search = _reference_search(statistics, shift, topk, num_centers)
+    else:
+        search = _sharp_search(statistics, topk, num_centers, tol)
+    for index, (a, b) in enumerate(bounds):
+        chunk, rows = distances[index], _Search(*(field[:, a:b].reshape(-1, 1).contiguous() for field in search))
+        distances[index] = None  # freed as soon as its chunk is done
+        weights, sums = _search_chunk(chunk, rows, topk, tol, with_gradient)
+        scores.append(sums[:, 2].view(batch, b - a))
+        if with_gradient:
+            mean_distance = sums[:, 3:] / sums[:, 1:2].clamp_min(torch.finfo(sums.dtype).tiny)
+            gradient = chunk_kernels.distance_gradient(chunk, weights, rows.slope, mean_distance, zero)
+            directions.append((gradient @ center_operand).view(batch, b - a, width))
+    return torch.cat(scores, dim=1), torch.cat(directions, dim=1) if with_gradient else None
 
 
-def _chain_to_squared(
-    grad_distances: torch.Tensor, distances: torch.Tensor, euclidean: bool, clamped: bool
-) -> torch.Tensor:
-    """Turn gradients by the distances into gradients by the clamped squared distances, in place."""
-    if euclidean:
-        grad_distances.mul_(0.5).div_(distances)
-    if not clamped:
-        return grad_distances
-    return grad_distances.masked_fill_(distances <= (math.sqrt(EUCLIDEAN_EPS) if euclidean else 0.0), 0.0)
+def _search_chunk(
+    chunk: torch.Tensor, search: _Search, topk: TopKSettings, tol: float | None, with_gradient: bool
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Threshold search on the rows ``(R, N)`` of one chunk: weights (with ``with_gradient``) and row sums ``(R, 4)``.
+
+    In eager mode the first evaluation covers every row and only the rows it leaves outside the tolerance
+    continue, on a copy of their distances, so that a few slow rows do not cost the chunk more passes.
+    """
+
+    def evaluate(beta: torch.Tensor, rows: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+        distances = chunk if rows is None else chunk[rows]
+        slope, shift = (search.slope, search.shift) if rows is None else (search.slope[rows], search.shift[rows])
+        if with_gradient:
+            return chunk_kernels.weights_and_sums(distances, beta, slope, shift)
+        return None, chunk_kernels.weight_sums(distances, beta, slope, shift)
+
+    def evaluation(rows: torch.Tensor | None) -> Callable[[torch.Tensor], tuple]:
+        def sums_at(beta: torch.Tensor) -> tuple:
+            result = evaluate(beta, rows)
+            return result[1][:, :1], result[1][:, 1:2], result
+
+        return sums_at
+
+    steps, k = topk.max_steps, topk.k
+    if tol is None or not may_exit_early():
+        return newton_threshold(evaluation(None), k, search.start, search.lower, search.upper, steps, tol)[1]
+    weights, sums = evaluate(search.start)
+    residual = sums[:, :1] - k
+    pending = (residual.abs() > tol * k).squeeze(-1)
+    if steps == 0 or not bool(pending.any()):
+        return weights, sums
+    rows = pending.nonzero().squeeze(-1)
+    start, lower, upper = newton_step(
+        search.start[rows], residual[rows], sums[rows, 1:2], search.lower[rows], search.upper[rows]
+    )
+    row_weights, row_sums = newton_threshold(evaluation(rows), k, start, lower, upper, steps - 1, tol)[1]
+    sums[rows] = row_sums
+    if weights is not None:
+        weights[rows] = row_weights
+    return weights, sums
 
 
 class _FusedScores(torch.autograd.Function):
-    """Fused ``distances -> top-k weights -> weighted sum`` with a chunked, recomputing backward."""
+    """Fused ``distances -> top-k weights -> weighted sum``; the backward pass scales the stored gradient directions."""
 
     @staticmethod
     def forward(
@@ -254,13 +446,13 @@ class _FusedScores(torch.autograd.Function):
         scale: torch.Tensor | None,
         topk: TopKSettings,
         euclidean: bool,
-        rows_per_chunk: int,
+        chunking: Chunking,
         tol: float | None,
     ) -> torch.Tensor:  # type: ignore[override]
         patch_operand, center_operand = distance_operands(patches, centers, scale)
-        scores, state = _score_forward(patch_operand, center_operand, topk, euclidean, rows_per_chunk, tol)
+        scores, directions = _sweeps(patch_operand, center_operand, topk, euclidean, chunking, tol, True)
         ctx.save_for_backward(patches)
-        ctx.scale, ctx.center_operand, ctx.state, ctx.euclidean = scale, center_operand, state, euclidean
+        ctx.scale, ctx.directions = scale, directions
         return scores
 
     @staticmethod
@@ -268,29 +460,12 @@ class _FusedScores(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, grad_scores: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         (patches,) = ctx.saved_tensors
-        state: _ScoreState = ctx.state
-        center_operand: torch.Tensor = ctx.center_operand
+        directions: torch.Tensor = ctx.directions
         channels = patches.shape[-1]
-        grad_patches = torch.empty_like(patches)
-        for index, (a, b) in enumerate(state.bounds):
-            row_grad = grad_scores[:, a:b, None]
-            if state.indices is not None:
-                grad_values = _chain_to_squared(
-                    row_grad.expand_as(state.values[:, a:b]).clone(), state.values[:, a:b], ctx.euclidean, True
-                )
-                selected = center_operand[state.indices[:, a:b]]  # (B, t, K, D' + 2)
-                projected = (grad_values.unsqueeze(-2) @ selected).squeeze(-2)
-            else:
-                # s = sum_j z_j d_j with x_j = intercept - slope * d_j: ds/dd_j = z_j - slope * (dz/dx)^T d.
-                distances = state.distances[index]
-                row_slope = _rows(state.slope, a, b)
-                weights = _chunk_weights(state.betas[index], distances, row_slope)
-                grad_distances = weights.addcmul_(topk_weight_grad(weights, distances), row_slope, value=-1.0)
-                grad_distances = _chain_to_squared(
-                    grad_distances.mul_(row_grad), distances, ctx.euclidean, state.clamped[index]
-                )
-                projected = grad_distances @ center_operand
-            grad_patches[:, a:b] = projected[..., :channels] + 2.0 * patches[:, a:b] * projected[..., channels:-1]
+        # d = s (|p|^2 + |c|^2 - 2 p.c), so dL/dp = s g (G c_hat[:D'] + 2 p G c_hat[D']) (module docstring).
+        norm_term = directions[..., channels : channels + 1]
+        grad_patches = torch.addcmul(directions[..., :channels], patches, norm_term, value=2.0)
+        grad_patches *= grad_scores.unsqueeze(-1)
         if ctx.scale is not None:
             grad_patches *= ctx.scale
         return grad_patches, None, None, None, None, None, None
@@ -301,7 +476,7 @@ def nearest_center_scores(
     centers: torch.Tensor,
     distance: DistanceMode,
     topk: TopKSettings,
-    chunk_elements: int = CHUNK_ELEMENTS,
+    chunk_elements: int | None = None,
     tol: float | None = None,
 ) -> torch.Tensor:
     r"""ADFA's patch scores :math:`s_t = Z_t^\top D(p_t, C)`, fused and chunked.
@@ -318,7 +493,8 @@ def nearest_center_scores(
         centers: Centre bank, shape ``(N, D')``.
         distance: One of :data:`DISTANCE_MODES` (see :func:`patch_scale`).
         topk: Settings of the soft top-k (``K``, mode, epsilon, maximum solver steps).
-        chunk_elements: Target number of elements of one ``(B, t, N)`` chunk.
+        chunk_elements: Target number of elements of one ``(B, t, N)`` chunk; default
+            :func:`default_chunk_elements`, and :data:`CHUNK_ELEMENTS` per image while tracing or exporting.
         tol: Relative tolerance of the threshold search's early exit; default
             :func:`default_tolerance` of the dtype. The exit is skipped while tracing or exporting.
 
@@ -330,15 +506,18 @@ def nearest_center_scores(
         raise ValueError(msg)
     tol = default_tolerance(patches.dtype) if tol is None else tol
     # An exported graph takes any batch size, so its chunks must not depend on it: there the budget is per image.
-    batch = patches.shape[0] if may_exit_early() else 1
-    rows_per_chunk = max(1, chunk_elements // (batch * centers.shape[0]))
+    batch, num_patches = patches.shape[:2]
+    eager = may_exit_early()
+    if chunk_elements is None:
+        chunk_elements = default_chunk_elements(patches.dtype) if eager else CHUNK_ELEMENTS
+    chunking = chunking_for(batch, num_patches, centers.shape[0], patches.dtype, chunk_elements, not eager)
     check_distance(distance)
     scale = patch_scale(distance, patches, centers)
     euclidean = distance == "euclidean"
     if torch.is_grad_enabled() and patches.requires_grad:
-        return _FusedScores.apply(patches, centers, scale, topk, euclidean, rows_per_chunk, tol)
+        return _FusedScores.apply(patches, centers, scale, topk, euclidean, chunking, tol)
     patch_operand, center_operand = distance_operands(patches, centers, scale)
-    return _score_forward(patch_operand, center_operand, topk, euclidean, rows_per_chunk, tol)[0]
+    return _sweeps(patch_operand, center_operand, topk, euclidean, chunking, tol, False)[0]
 
 
 class PatchScorer(nn.Module):

@@ -107,7 +107,13 @@ def _solve(
     """Threshold and weights; see :func:`solve_threshold`."""
     logit_ratio, lower, upper = threshold_bracket(logits, k)
     tau = logit_ratio - logits.mean(dim=-1, keepdim=True) if start is None else start
-    return newton_threshold(lambda shift: torch.sigmoid(logits + shift), k, tau, lower, upper, num_iterations, tol)
+
+    def evaluate(shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        weights = torch.sigmoid(logits + shift)
+        slopes = torch.addcmul(weights, weights, weights, value=-1.0)
+        return weights.sum(dim=-1, keepdim=True), slopes.sum(dim=-1, keepdim=True), weights
+
+    return newton_threshold(evaluate, k, tau, lower, upper, num_iterations, tol)
 
 
 class _SoftTopKFunction(torch.autograd.Function):

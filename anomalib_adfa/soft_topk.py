@@ -69,11 +69,14 @@ forms it is checked against are in :mod:`anomalib_adfa.reference`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 TopKMode = Literal["reference", "sharp", "hard"]
 
@@ -132,26 +135,53 @@ class TopKSettings:
         return MAX_SOLVER_STEPS[self.mode] if self.num_iterations is None else self.num_iterations
 
 
+def newton_step(
+    tau: torch.Tensor, residual: torch.Tensor, slope: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""One safeguarded Newton step on :math:`F` from its value and slope at ``tau``.
+
+    The bracket shrinks with the sign of :math:`F`; a Newton step leaving it is replaced by its midpoint.
+
+    Args:
+        tau: Current thresholds, ``(..., 1)``.
+        residual: :math:`F(\tau) = \sum_i w_i - k`, ``(..., 1)``.
+        slope: :math:`F'(\tau) = \sum_i w_i (1 - w_i)`, ``(..., 1)``.
+        lower: Lower bound of the root, ``(..., 1)``.
+        upper: Upper bound of the root, ``(..., 1)``.
+
+    Returns:
+        The next thresholds and the new bracket.
+    """
+    lower = torch.where(residual < 0, tau, lower)
+    upper = torch.where(residual > 0, tau, upper)
+    newton = tau - residual / slope.clamp_min(torch.finfo(tau.dtype).tiny)
+    inside = (newton >= lower) & (newton <= upper)
+    return torch.where(inside, newton, 0.5 * (lower + upper)), lower, upper
+
+
+Evaluation = tuple[torch.Tensor, torch.Tensor, T]
+
+
 def newton_threshold(
-    weights_at: Callable[[torch.Tensor], torch.Tensor],
+    evaluate: Callable[[torch.Tensor], Evaluation[T]],
     k: int,
     tau: torch.Tensor,
     lower: torch.Tensor,
     upper: torch.Tensor,
     num_iterations: int,
     tol: float | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, T]:
     r"""Safeguarded Newton search of the root of :math:`F(\tau) = \sum_i w_i(\tau) - k`.
 
-    ``weights_at(tau)`` must return :math:`w_i = \sigma(\tau + x_i)` for some fixed logits, so that
-    :math:`F' = \sum_i w_i (1 - w_i)`; callers pick the cheapest way to evaluate it. Every iterate
-    stays inside a bracket that shrinks with the sign of :math:`F`; a Newton step leaving it is
-    replaced by the bracket's midpoint. With ``tol`` the loop stops as soon as
-    :math:`\max |F| \le tol \cdot k` and returns the weights it has just evaluated, so no pass is
-    spent on a step that is not needed.
+    ``evaluate(tau)`` must return :math:`\sum_i w_i`, :math:`\sum_i w_i (1 - w_i)` (both ``(..., 1)``) and
+    whatever else the caller wants at that threshold, for :math:`w_i = \sigma(\tau + x_i)` with fixed logits;
+    callers pick the cheapest way to evaluate it (:mod:`anomalib_adfa.chunk_kernels` does it in one pass).
+    Each step is :func:`newton_step`. With ``tol`` the loop stops as soon as :math:`\max |F| \le tol \cdot k`
+    and returns what it has just evaluated, so no pass is spent on a step that is not needed; without it (and
+    while tracing or exporting) it makes exactly ``num_iterations`` steps and a final evaluation.
 
     Args:
-        weights_at: Map from thresholds ``(..., 1)`` to weights ``(..., n)``.
+        evaluate: Map from thresholds ``(..., 1)`` to ``(weight sum, slope sum, payload)``.
         k: Number of selected elements.
         tau: Start, shape ``(..., 1)``.
         lower: Lower bound of the root, shape ``(..., 1)``.
@@ -160,22 +190,16 @@ def newton_threshold(
         tol: Relative tolerance for the early exit, or ``None`` for a fixed number of steps.
 
     Returns:
-        Thresholds ``(..., 1)`` and the weights at them, ``(..., n)``.
+        Thresholds ``(..., 1)`` and the payload of ``evaluate`` at them.
     """
     check = tol is not None and may_exit_early()
-    tiny = torch.finfo(tau.dtype).tiny
-    for _ in range(num_iterations):
-        weights = weights_at(tau)
-        residual = weights.sum(dim=-1, keepdim=True) - k
-        if check and bool(residual.abs().max() <= tol * k):
-            return tau, weights
-        slope = torch.addcmul(weights, weights, weights, value=-1.0).sum(dim=-1, keepdim=True)
-        lower = torch.where(residual < 0, tau, lower)
-        upper = torch.where(residual > 0, tau, upper)
-        newton = tau - residual / slope.clamp_min(tiny)
-        inside = (newton >= lower) & (newton <= upper)
-        tau = torch.where(inside, newton, 0.5 * (lower + upper))
-    return tau, weights_at(tau)
+    for step in range(num_iterations + 1):
+        weight_sum, slope_sum, payload = evaluate(tau)
+        residual = weight_sum - k
+        if step == num_iterations or (check and bool(residual.abs().max() <= tol * k)):
+            break
+        tau, lower, upper = newton_step(tau, residual, slope_sum, lower, upper)
+    return tau, payload
 
 
 def topk_weight_grad(weights: torch.Tensor, grad_weights: torch.Tensor) -> torch.Tensor:
@@ -266,3 +290,68 @@ def sharp_logit_map(nearest: torch.Tensor, k: int, epsilon: float) -> LogitMap:
     offset = torch.full_like(shift, 1.0 / epsilon)
     mapping = LogitMap(offset, slope, shift, None)
     return mapping._replace(start=sharp_start(mapping(nearest), k))
+
+
+def moment_start(mean: torch.Tensor, variance: torch.Tensor, slope: torch.Tensor, k: int, n: int) -> torch.Tensor:
+    r"""Threshold start of the ``"reference"`` mode from each row's mean and variance of the distances.
+
+    With logits :math:`a - b d_i`, write the weights as :math:`\sigma(\beta - b d_i) = \sigma(u + \delta_i)` with
+    :math:`u = \beta - b \bar d` and :math:`\delta_i = -b (d_i - \bar d)`, so :math:`\sum_i \delta_i = 0` and
+    :math:`\frac{1}{n}\sum_i \delta_i^2 = b^2 \operatorname{Var}(d) = v`. To second order
+    :math:`F = n \sigma(u) + n \sigma''(u) v / 2 - k`; linearising :math:`\sigma` around
+    :math:`u_0 = \operatorname{logit}(k/n)` and using :math:`\sigma'' / \sigma' = 1 - 2\sigma` gives the root
+
+    .. math::
+
+        \beta_0 = \operatorname{logit}(k/n) + b \bar d - (1 - 2k/n)\, v / 2 ,
+
+    the uniform start :math:`\operatorname{logit}(k/n) + b \bar d` (exact for equal logits) corrected by
+    one Newton step evaluated from the moments. The error is of third order in the spread of the logits,
+    which the reference normalisation keeps small, so the first evaluation usually meets the tolerance.
+
+    Args:
+        mean: Row means of the distances, measured from the shift :math:`c` of weights written
+            :math:`\sigma(\beta - b (d - c))`, ``(..., 1)``; :math:`\beta_0` is then in the same form.
+        variance: Row variances of the distances, ``(..., 1)``.
+        slope: :math:`b`, broadcastable to ``mean``.
+        k: Number of selected elements.
+        n: Number of elements per row.
+
+    Returns:
+        :math:`\beta_0`, ``(..., 1)``.
+    """
+    spread = slope.square() * variance
+    return math.log(k / (n - k)) + slope * mean - (0.5 - k / n) * spread
+
+
+def nearest_subset_start(
+    top_logits: torch.Tensor, k: int, num_iterations: int, tol: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Threshold start of the ``"sharp"`` mode: the root for the ``m > k`` largest logits alone, and an upper bound.
+
+    Leaving out the other logits removes positive terms from :math:`F`, so the subset's root lies above the full
+    one, by the little mass the left-out terms carry when the selection is sharp. The bound: at the full root
+    the ``k + 1`` largest logits have weights of at least :math:`z_{(k+1)}` and sum to at most ``k``, so
+    :math:`z_{(k+1)} \le k / (k + 1)`, i.e. :math:`\tau \le \log k - x_{(k+1)}`; it does not depend on how
+    exactly the subset's root is found.
+
+    Args:
+        top_logits: The ``m`` largest logits of each row, in decreasing order, ``(..., m)``.
+        k: Number of selected elements, ``k < m``.
+        num_iterations: Step budget of the subset's search (from :func:`sharp_start`).
+        tol: Its relative tolerance, or ``None``.
+
+    Returns:
+        Start and upper bound of :math:`\tau`, each ``(..., 1)``.
+    """
+    logit_ratio = math.log(k / (top_logits.shape[-1] - k))
+    lower = logit_ratio - top_logits[..., :1]
+    upper = logit_ratio - top_logits[..., -1:]
+
+    def evaluate(tau: torch.Tensor) -> Evaluation[None]:
+        weights = torch.sigmoid(top_logits + tau)
+        slopes = torch.addcmul(weights, weights, weights, value=-1.0)
+        return weights.sum(dim=-1, keepdim=True), slopes.sum(dim=-1, keepdim=True), None
+
+    start = newton_threshold(evaluate, k, sharp_start(top_logits, k), lower, upper, num_iterations, tol)[0]
+    return start, math.log(k) - top_logits[..., k : k + 1]

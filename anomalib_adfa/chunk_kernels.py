@@ -1,0 +1,189 @@
+r"""The passes of the fused patch scoring over one chunk of the patch-by-centre block, compiled where possible.
+
+Each function here is one traversal of a chunk ``(R, N)`` of the distance block (``R`` patch rows, ``N``
+centres) that reads the chunk once and returns per-row sums, or writes one ``(R, N)`` result. The threshold
+search of :mod:`anomalib_adfa.patch_scoring` calls them; everything between two calls works on ``(R, 1)``
+columns. With ``torch.compile`` (Inductor's C++ backend) each call becomes one vectorised loop over the chunk;
+without a working C++ compiler they run as plain PyTorch (several passes each, same values to rounding).
+
+Weights and their slopes in one pass
+------------------------------------
+For a row with threshold :math:`\beta`, slope :math:`b` and shift :math:`c` the weights are :math:`z_j =
+\sigma(\max(\beta - b\,(d_j - c), \ell))` with :math:`\ell = \log\sqrt{\text{tiny}}` (see :func:`argument_floor`).
+The shift, a distance close to the row's own (its nearest or its mean), keeps the argument free of cancellation:
+in float32 :math:`\beta - b d` of two terms near 6000 (seen in sharp mode) would leave the threshold search a
+resolution of 5e-4, far coarser than its tolerance. With :math:`e_j = \exp(-a_j)` for the clamped argument
+:math:`a_j`,
+
+.. math::
+
+    z_j = \frac{1}{1 + e_j}, \qquad s_j = z_j (1 - z_j) = e_j z_j^2 ,
+
+so one exponential and one reciprocal give both, and :math:`s_j` has no cancellation where :math:`z_j` is
+close to 1. :math:`e_j` is computed as :math:`2^{-a_j \log_2 e}`: Inductor's CPU heuristics store any
+``exp`` or ``sigmoid`` result that feeds more than one sum (a full write and re-read of the chunk), while
+``exp2`` stays in registers, so the four sums below cost one traversal. The extra rounding of the product
+:math:`a_j \log_2 e` is below 4e-7 relative on :math:`e_j` for the arguments that carry weight
+(:math:`|a_j| < 16`).
+
+Distances arrive as the raw matmul of :func:`~anomalib_adfa.patch_scoring.distance_operands` (tiny negative
+values from rounding included) and are clamped at 0 inside every pass rather than in a pass of their own.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from anomalib_adfa.soft_topk import may_exit_early
+
+logger = logging.getLogger(__name__)
+
+_LOG2_E = 1.0 / math.log(2.0)
+
+
+def argument_floor(dtype: torch.dtype) -> float:
+    r"""Lower bound :math:`\ell = \log\sqrt{\text{tiny}}` of the sigmoid argument (about -43.7 in float32).
+
+    The floor changes weights below :math:`\sqrt{\text{tiny}}` (about 1e-19 in float32), far below the
+    precision of any row sum, and keeps the squared weights of the Newton slope out of the subnormal range,
+    which would slow the sharp mode's widely spread logits several-fold on CPU.
+    """
+    return 0.5 * math.log(torch.finfo(dtype).tiny)
+
+
+def weight_terms(
+    distances: torch.Tensor, beta: torch.Tensor, slope: torch.Tensor, shift: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    r"""Clamped distances, weights :math:`z` and slopes :math:`s = z(1 - z)` of a chunk (see the module docstring).
+
+    Args:
+        distances: Raw distances ``(R, N)``.
+        beta: Thresholds ``(R, 1)``.
+        slope: Slopes :math:`b > 0` of the logits, ``(R, 1)``.
+        shift: Shifts :math:`c` of the distances, ``(R, 1)``.
+
+    Returns:
+        ``(d, z, s)``, each ``(R, N)``.
+    """
+    clamped = distances.clamp_min(0.0)
+    argument = torch.clamp_min(beta - slope * (clamped - shift), argument_floor(distances.dtype))
+    decay = torch.exp2(argument * -_LOG2_E)
+    weights = 1.0 / (1.0 + decay)
+    return clamped, weights, decay * weights * weights
+
+
+def _row_sums(clamped: torch.Tensor, weights: torch.Tensor, slopes: torch.Tensor) -> torch.Tensor:
+    sums = [weights, slopes, weights * clamped, slopes * clamped]
+    return torch.cat([term.sum(dim=-1, keepdim=True) for term in sums], dim=-1)
+
+
+def _weight_sums(distances: torch.Tensor, beta: torch.Tensor, slope: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    return _row_sums(*weight_terms(distances, beta, slope, shift))
+
+
+def _weights_and_sums(
+    distances: torch.Tensor, beta: torch.Tensor, slope: torch.Tensor, shift: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    clamped, weights, slopes = weight_terms(distances, beta, slope, shift)
+    return weights, _row_sums(clamped, weights, slopes)
+
+
+def _distance_gradient(
+    distances: torch.Tensor, weights: torch.Tensor, slope: torch.Tensor, mean_distance: torch.Tensor, zero: float
+) -> torch.Tensor:
+    clamped = distances.clamp_min(0.0)
+    gradient = weights - slope * (weights - weights * weights) * (clamped - mean_distance)
+    if zero > 0.0:  # "euclidean": d = sqrt(q + eps), so dd/dq = 1 / (2 d)
+        gradient = 0.5 * gradient / distances
+    # Written over the weights, which are not needed afterwards: no new chunk-sized buffer to fill.
+    return weights.copy_(torch.where(distances > zero, gradient, 0.0))
+
+
+def _row_extremes(distances: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    clamped = distances.clamp_min(0.0)
+    centred = clamped - shift
+    return torch.cat(
+        [
+            clamped.amin(dim=-1, keepdim=True),
+            clamped.amax(dim=-1, keepdim=True),
+            centred.sum(dim=-1, keepdim=True),
+            (centred * centred).sum(dim=-1, keepdim=True),
+        ],
+        dim=-1,
+    )
+
+
+def _group_minima(distances: torch.Tensor, size: int) -> torch.Tensor:
+    rows, columns = distances.shape
+    return distances.view(rows, size, columns // size).amin(dim=1)
+
+
+class ChunkKernel:
+    """One pass over a chunk: the ``torch.compile``'d function where that works, else the plain one.
+
+    Compilation happens at the first call (once per process and dtype; Inductor caches the code on disk).
+    If it fails, typically for want of a C++ compiler, every kernel falls back to plain PyTorch for the rest
+    of the process, with one warning. While tracing, exporting or inside another ``torch.compile`` the plain
+    function runs, so exported graphs hold ordinary operators. ``TORCHDYNAMO_DISABLE=1`` (PyTorch's own
+    switch) runs the plain functions throughout.
+
+    Args:
+        function: The pass, in plain PyTorch (kept as :attr:`function`).
+    """
+
+    compiler_failed = False
+
+    def __init__(self, function: Callable[..., Any]) -> None:
+        self.function = function
+        self.__doc__ = function.__doc__
+        self._compiled: Callable[..., Any] | None = None
+
+    def __call__(self, *args: Any) -> Any:
+        if ChunkKernel.compiler_failed or not may_exit_early():
+            return self.function(*args)
+        if self._compiled is None:
+            self._compiled = torch.compile(self.function, dynamic=True, fullgraph=True)
+        try:
+            return self._compiled(*args)
+        except torch._dynamo.exc.TorchDynamoException as err:
+            ChunkKernel.compiler_failed = True
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            logger.warning(
+                "torch.compile could not build ADFA's scoring kernels (%s); running them as plain PyTorch, "
+                "which gives the same scores, more slowly.",
+                reason,
+            )
+            return self.function(*args)
+
+
+weight_sums = ChunkKernel(_weight_sums)
+r"""``weight_sums(distances (R, N), beta (R, 1), slope (R, 1), shift (R, 1)) -> (R, 4)``: row sums
+:math:`[\sum z,\ \sum s,\ \sum z d,\ \sum s d]`, one evaluation of the threshold search. :math:`\sum z - k` is
+its residual and :math:`\sum s` its slope, :math:`\sum z d` the patch score, and :math:`\sum s d / \sum s` the
+weighted mean distance :math:`\bar d` of the backward pass."""
+
+weights_and_sums = ChunkKernel(_weights_and_sums)
+r"""``weights_and_sums(distances, beta, slope, shift) -> (weights (R, N), sums (R, 4))``: :data:`weight_sums` that also
+returns the weights, for the gradient pass that follows."""
+
+distance_gradient = ChunkKernel(_distance_gradient)
+r"""``distance_gradient(distances, weights, slope, mean_distance (R, 1), zero) -> (R, N)``: gradient of each row's score
+by its squared distances per unit of upstream gradient, written over ``weights``. For :math:`s = \sum_j z_j d_j`
+with logits :math:`a - b d` the implicit gradient of the soft top-k
+(:func:`~anomalib_adfa.soft_topk.topk_weight_grad`) gives :math:`\partial s / \partial d_j = z_j - b\, z_j (1 - z_j)
+(d_j - \bar d)`. The clamp at 0 passes no gradient where it is active (``distances <= zero``); with ``zero > 0``
+(the ``"euclidean"`` mode, ``distances`` already :math:`\sqrt{q + \epsilon}` and ``zero`` :math:`= \sqrt\epsilon`)
+the chain rule adds :math:`1 / (2 d)`."""
+
+row_extremes = ChunkKernel(_row_extremes)
+r"""``row_extremes(distances, shift (R, 1)) -> (R, 4)``: :math:`[\min d,\ \max d,\ \sum (d - c),\ \sum (d - c)^2]`
+of the clamped distances; the shift :math:`c`, close to the row mean, keeps the second moment free of
+cancellation."""
+
+group_minima = ChunkKernel(_group_minima)
+"""``group_minima(distances (R, N), m) -> (R, N // m)``: the minimum of each group of ``m`` columns ``g + i N / m``."""
