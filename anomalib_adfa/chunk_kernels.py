@@ -126,7 +126,8 @@ def _group_minima(distances: torch.Tensor, size: int) -> torch.Tensor:
 class ChunkKernel:
     """One pass over a chunk: the ``torch.compile``'d function where that works, else the plain one.
 
-    Compilation happens at the first call (once per process and dtype; Inductor caches the code on disk).
+    Compilation happens at the first call on a chunk of at least :attr:`min_elements` (once per process and
+    dtype; Inductor caches the code on disk, so later processes load it in about a second).
     If it fails, typically for want of a C++ compiler, every kernel falls back to plain PyTorch for the rest
     of the process, with one warning. While tracing, exporting or inside another ``torch.compile`` the plain
     function runs, so exported graphs hold ordinary operators. ``TORCHDYNAMO_DISABLE=1`` (PyTorch's own
@@ -137,6 +138,10 @@ class ChunkKernel:
     """
 
     compiler_failed = False
+    min_elements = 1 << 18
+    """Chunks smaller than this run plain: their pass costs well under a millisecond, while every new shape
+    class costs the compiler seconds (small images, short last chunks, the few rows left for a second search
+    step)."""
 
     def __init__(self, function: Callable[..., Any]) -> None:
         self.function = function
@@ -144,7 +149,7 @@ class ChunkKernel:
         self._compiled: Callable[..., Any] | None = None
 
     def __call__(self, *args: Any) -> Any:
-        if ChunkKernel.compiler_failed or not may_exit_early():
+        if ChunkKernel.compiler_failed or args[0].numel() < ChunkKernel.min_elements or not may_exit_early():
             return self.function(*args)
         if self._compiled is None:
             self._compiled = torch.compile(self.function, dynamic=True, fullgraph=True)

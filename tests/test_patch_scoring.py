@@ -4,7 +4,14 @@ import pytest
 import torch
 from torch.nn import functional as F  # noqa: N812
 
-from anomalib_adfa.patch_scoring import DISTANCE_MODES, kl_weight, nearest_center_scores
+from anomalib_adfa import chunk_kernels, patch_scoring
+from anomalib_adfa.patch_scoring import (
+    DISTANCE_MODES,
+    kl_weight,
+    nearest_center_scores,
+    selection_block,
+    smallest_distances,
+)
 from anomalib_adfa.reference import plain_distances, plain_scores, squared_distances
 from anomalib_adfa.soft_topk import TOPK_MODES, TopKSettings
 
@@ -88,3 +95,57 @@ def test_distance_modes() -> None:
     torch.testing.assert_close(plain_distances(patches, centers, "kl_weighted"), expected * kl.view(2, 1, 1))
     with pytest.raises(ValueError, match="distance must be one of"):
         plain_distances(patches, centers, "cosine")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("num_centers", "count"), [(3136, 3), (3136, 8), (784, 4), (97, 4), (12, 12)])
+def test_smallest_distances_equal_topk(num_centers: int, count: int) -> None:
+    distances = torch.randn(21, num_centers, generator=torch.Generator().manual_seed(num_centers)).square()
+    distances[0, 5] = -1e-7  # a rounding negative is returned clamped
+    values, indices = smallest_distances(distances, count)
+    expected = torch.topk(distances, count, dim=-1, largest=False)
+    torch.testing.assert_close(values, expected.values.clamp_min(0.0), rtol=0, atol=0)
+    torch.testing.assert_close(distances.gather(1, indices).clamp_min(0.0), values, rtol=0, atol=0)
+    assert (selection_block(num_centers, count) > 1) == (num_centers in (3136, 784))  # 97 is prime: plain topk
+
+
+def test_only_rows_outside_the_tolerance_are_evaluated_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    patches, centers, upstream = adfa_like(2, 64, 8, torch.float64, seed=5)
+    topk = TopKSettings(3, "sharp", num_iterations=40)
+    rows_evaluated = []
+    kernel = chunk_kernels.weights_and_sums
+
+    def recording(distances: torch.Tensor, *args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows_evaluated.append(distances.shape[0])
+        return kernel(distances, *args)
+
+    monkeypatch.setattr(chunk_kernels, "weights_and_sums", recording)
+    fused = values_and_grads(nearest_center_scores(patches, centers, "squared", topk, 10**9), patches, upstream)
+    plain = values_and_grads(plain_scores(patches, centers, "squared", topk), patches, upstream)
+    for ours, reference in zip(fused, plain, strict=True):
+        torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-12)
+    # One chunk per sweep: all its rows once, then only those the float64 tolerance has not yet accepted.
+    assert rows_evaluated[0] == 2 * 64
+    assert len(rows_evaluated) > 1
+    assert all(rows < rows_evaluated[0] for rows in rows_evaluated[1:])
+
+
+@pytest.mark.parametrize("mode", TOPK_MODES)
+def test_one_image_per_sweep_equals_whole_batch(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    patches, centers, upstream = adfa_like(3, 36, 8, torch.float64, seed=6)
+    topk = TopKSettings(3, mode, num_iterations=40)
+    whole = values_and_grads(nearest_center_scores(patches, centers, "kl_weighted", topk, 100), patches, upstream)
+    assert patch_scoring.chunking_for(3, 36, 36, torch.float64, 100, False).images_per_sweep == 3
+    monkeypatch.setattr(patch_scoring, "last_level_cache_bytes", lambda: 36 * 36 * 8)  # one image's block
+    assert patch_scoring.chunking_for(3, 36, 36, torch.float64, 100, False) == (1, 2)
+    single = values_and_grads(nearest_center_scores(patches, centers, "kl_weighted", topk, 100), patches, upstream)
+    for ours, reference in zip(single, whole, strict=True):
+        torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
+
+
+def test_chunk_sizes_follow_the_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert patch_scoring.last_level_cache_bytes() > 0
+    monkeypatch.setattr(patch_scoring, "last_level_cache_bytes", lambda: 48 << 20)
+    assert patch_scoring.default_chunk_elements(torch.float32) == 2 << 20
+    assert patch_scoring.default_chunk_elements(torch.float64) == 1 << 20
+    # Exported graphs take any batch: the whole batch in one sweep, chunks sized per image.
+    assert patch_scoring.chunking_for(8, 3136, 3136, torch.float32, 1 << 20, True) == (8, 334)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from anomalib_adfa.reference import hard_topk, selection_logits, soft_topk, solve_threshold, topk_weights
-from anomalib_adfa.soft_topk import TopKSettings
+from anomalib_adfa.soft_topk import TopKSettings, moment_start, nearest_subset_start
 
 
 def sinkhorn_plan(cost: torch.Tensor, k: int, epsilon: float, iterations: int = 5000) -> torch.Tensor:
@@ -130,3 +130,35 @@ def test_invalid_arguments_are_reported() -> None:
         solve_threshold(torch.zeros(1, 3), 3)
     with pytest.raises(ValueError, match="no soft form"):
         selection_logits(torch.zeros(1, 1, 4), "hard", 1, 0.1)  # type: ignore[arg-type]
+
+
+def residual_at(logits: torch.Tensor, tau: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.sigmoid(logits + tau).sum(dim=-1, keepdim=True) - k
+
+
+@pytest.mark.parametrize("spread", [0.0, 1e-3, 0.05, 0.3])
+def test_moment_start_is_exact_for_equal_logits_and_beats_the_uniform_start(spread: float) -> None:
+    # Reference-mode logits x = a - b d: with beta = tau + a - b c, the start is in beta; here a = 0 and c = 0.
+    generator = torch.Generator().manual_seed(4)
+    n, k, slope = 3136, 3, torch.tensor(2.0, dtype=torch.float64)
+    distances = 1.0 + spread * torch.rand(6, n, generator=generator, dtype=torch.float64)
+    logits = -slope * distances
+    beta = moment_start(distances.mean(-1, keepdim=True), distances.var(-1, unbiased=False, keepdim=True), slope, k, n)
+    uniform = math.log(k / (n - k)) - logits.mean(-1, keepdim=True)
+    moment_error, uniform_error = residual_at(logits, beta, k).abs(), residual_at(logits, uniform, k).abs()
+    if spread == 0.0:
+        assert moment_error.max() < 1e-12
+    else:
+        assert torch.all(moment_error < 0.05 * uniform_error)  # a third-order error instead of a second-order one
+
+
+def test_nearest_subset_start_bounds_the_full_root_from_above() -> None:
+    generator = torch.Generator().manual_seed(5)
+    k = 3
+    logits = torch.randn(40, 300, generator=generator, dtype=torch.float64) * 8.0
+    top = logits.topk(8).values
+    start, upper = nearest_subset_start(top, k, num_iterations=60, tol=1e-12)
+    root = solve_threshold(logits, k, num_iterations=200)
+    assert torch.all(root <= start + 1e-9)
+    assert torch.all(start <= upper + 1e-9)
+    torch.testing.assert_close(residual_at(top, start, k), torch.zeros_like(start), rtol=0, atol=1e-9)

@@ -1,0 +1,118 @@
+"""The per-chunk passes: their formulas, compiled against plain, and the fallback without a compiler."""
+
+import logging
+import math
+
+import pytest
+import torch
+
+from anomalib_adfa import chunk_kernels
+from anomalib_adfa.chunk_kernels import ChunkKernel
+
+
+def chunk_inputs(rows: int, columns: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, ...]:
+    """Raw distances with a few rounding negatives, and per-row threshold, slope and shift."""
+    generator = torch.Generator().manual_seed(seed)
+    distances = torch.rand(rows, columns, generator=generator, dtype=dtype) * 4.0
+    distances[:, :3] = torch.tensor([-1e-7, 0.0, 1e-3], dtype=dtype)
+    beta = torch.randn(rows, 1, generator=generator, dtype=dtype)
+    slope = torch.rand(rows, 1, generator=generator, dtype=dtype) * 5.0 + 0.1
+    shift = distances.mean(dim=-1, keepdim=True)
+    return distances, beta, slope, shift
+
+
+def test_weight_terms_are_the_clamped_sigmoid_and_its_slope() -> None:
+    distances, beta, slope, shift = chunk_inputs(6, 50, torch.float64, seed=0)
+    clamped, weights, slopes = chunk_kernels.weight_terms(distances, beta, slope, shift)
+    expected = torch.sigmoid(beta - slope * (distances.clamp_min(0.0) - shift))
+    torch.testing.assert_close(clamped, distances.clamp_min(0.0), rtol=0, atol=0)
+    torch.testing.assert_close(weights, expected, rtol=1e-14, atol=0)
+    torch.testing.assert_close(slopes, expected * (1 - expected), rtol=1e-11, atol=0)
+    # Far below the floor log(sqrt(tiny)) the weight stays at sqrt(tiny) instead of underflowing.
+    far = chunk_kernels.weight_terms(torch.full((1, 2), 1e6), torch.zeros(1, 1), torch.ones(1, 1), torch.zeros(1, 1))
+    assert torch.allclose(far[1], torch.tensor(math.sqrt(torch.finfo(torch.float32).tiny)), rtol=1e-3)
+
+
+def test_row_sums_and_gradient_formulas() -> None:
+    distances, beta, slope, shift = chunk_inputs(5, 40, torch.float64, seed=1)
+    clamped, weights, slopes = chunk_kernels.weight_terms(distances, beta, slope, shift)
+    sums = chunk_kernels.weight_sums.function(distances, beta, slope, shift)
+    expected = torch.stack(
+        [weights.sum(-1), slopes.sum(-1), (weights * clamped).sum(-1), (slopes * clamped).sum(-1)], dim=-1
+    )
+    torch.testing.assert_close(sums, expected)
+    mean = sums[:, 3:] / sums[:, 1:2]
+    gradient = chunk_kernels.distance_gradient.function(distances, weights.clone(), slope, mean, 0.0)
+    expected_gradient = (weights - slope * slopes * (clamped - mean)) * (distances > 0)
+    torch.testing.assert_close(gradient, expected_gradient)
+    extremes = chunk_kernels.row_extremes.function(distances, shift)
+    centred = clamped - shift
+    torch.testing.assert_close(extremes[:, 0], clamped.amin(-1))
+    torch.testing.assert_close(extremes[:, 1], clamped.amax(-1))
+    torch.testing.assert_close(extremes[:, 2:], torch.stack([centred.sum(-1), centred.square().sum(-1)], -1))
+    minima = chunk_kernels.group_minima.function(distances, 8)
+    torch.testing.assert_close(minima, torch.stack([distances[:, g::5].amin(-1) for g in range(5)], -1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_kernels_agree_with_plain(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ChunkKernel, "min_elements", 0)  # compile even this small chunk
+    distances, beta, slope, shift = chunk_inputs(37, 300, dtype, seed=2)
+    weights = chunk_kernels.weights_and_sums(distances, beta, slope, shift)[0]
+    if ChunkKernel.compiler_failed:
+        pytest.skip("torch.compile cannot build kernels here (no working C++ compiler); the plain path is tested")
+    assert chunk_kernels.weights_and_sums._compiled is not None
+    rtol = 1e-5 if dtype == torch.float32 else 1e-12
+    sum_scale = distances.shape[-1] * distances.abs().max().item()  # the centred sums cancel to near 0
+    cases = [
+        (chunk_kernels.weight_sums, (distances, beta, slope, shift), rtol),
+        (chunk_kernels.weights_and_sums, (distances, beta, slope, shift), rtol),
+        (chunk_kernels.row_extremes, (distances, shift), rtol * sum_scale),
+        (chunk_kernels.group_minima, (distances, 30), 0.0),
+        (chunk_kernels.distance_gradient, (distances, weights, slope, shift, 0.0), rtol),
+        (chunk_kernels.distance_gradient, (distances.abs().add(1e-3).sqrt(), weights, slope, shift, 1e-6), rtol),
+    ]
+    for kernel, args, atol in cases:
+        compiled = kernel(*(arg.clone() if isinstance(arg, torch.Tensor) else arg for arg in args))
+        plain = kernel.function(*(arg.clone() if isinstance(arg, torch.Tensor) else arg for arg in args))
+        torch.testing.assert_close(compiled, plain, rtol=rtol, atol=atol)
+
+
+def test_compile_failure_falls_back_to_plain_with_one_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken_compile(function: object, **_: object) -> object:
+        def raise_failure(*_args: object) -> None:
+            msg = "InvalidCxxCompiler: No working C++ compiler found"
+            raise torch._dynamo.exc.TorchDynamoException(msg)
+
+        return raise_failure
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(ChunkKernel, "compiler_failed", False)
+    monkeypatch.setattr(ChunkKernel, "min_elements", 0)
+    kernel = ChunkKernel(chunk_kernels.weight_sums.function)
+    other = ChunkKernel(chunk_kernels.row_extremes.function)
+    distances, beta, slope, shift = chunk_inputs(4, 20, torch.float32, seed=3)
+    with caplog.at_level(logging.WARNING, logger="anomalib_adfa.chunk_kernels"):
+        result = kernel(distances, beta, slope, shift)
+        other(distances, shift)  # every kernel now runs plain, without compiling or warning again
+    assert ChunkKernel.compiler_failed
+    torch.testing.assert_close(result, kernel.function(distances, beta, slope, shift), rtol=0, atol=0)
+    assert other._compiled is None
+    warnings = [record for record in caplog.records if "could not build" in record.getMessage()]
+    assert len(warnings) == 1
+    assert "No working C++ compiler" in warnings[0].getMessage()
+
+
+def test_small_chunks_and_traced_graphs_run_plain(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_compile(*_: object, **__: object) -> None:
+        pytest.fail("a small chunk or a traced call must not compile")
+
+    monkeypatch.setattr(torch, "compile", no_compile)
+    kernel = ChunkKernel(chunk_kernels.row_extremes.function)
+    distances, _, _, shift = chunk_inputs(4, 20, torch.float32, seed=4)
+    torch.testing.assert_close(kernel(distances, shift), kernel.function(distances, shift))
+    monkeypatch.setattr(ChunkKernel, "min_elements", 0)
+    traced = torch.jit.trace(lambda d, c: kernel(d, c), (distances, shift), check_trace=False)
+    torch.testing.assert_close(traced(distances, shift), kernel.function(distances, shift))
