@@ -149,7 +149,7 @@ class ChunkKernel:
         self._compiled: Callable[..., Any] | None = None
 
     def __call__(self, *args: Any) -> Any:
-        if ChunkKernel.compiler_failed or args[0].numel() < ChunkKernel.min_elements or not may_exit_early():
+        if not may_exit_early() or ChunkKernel.compiler_failed or args[0].numel() < ChunkKernel.min_elements:
             return self.function(*args)
         if self._compiled is None:
             self._compiled = torch.compile(self.function, dynamic=True, fullgraph=True)

@@ -16,12 +16,27 @@ instead of costing two extra passes over the result. Conversely :math:`G \hat c 
 Fused scores
 ------------
 ADFA needs only :math:`s_t = \sum_j z_{tj} d_{tj}` per patch. :func:`nearest_center_scores` computes it
-chunk by chunk of patch rows: one matmul gives a chunk's distances, the threshold search of
-:func:`~anomalib_adfa.soft_topk.newton_threshold` runs on it while it is in cache, and the backward pass
-recomputes the weights from the stored distances and one threshold per row
-(:math:`\partial s / \partial d_j = z_j - b\, s_j (d_j - \bar d)` for logits :math:`a - b d`, from the
-implicit gradient :func:`~anomalib_adfa.soft_topk.topk_weight_grad`) and returns the gradient with one
-more matmul per chunk. In hard mode only the ``K`` selected distances are kept.
+chunk by chunk of patch rows, an image (or as many as the cache holds) at a time:
+
+- hard mode: one matmul per chunk, then its ``K`` smallest distances (:func:`smallest_distances`);
+- soft modes, first sweep: one matmul per chunk and what the search needs to start (reference: row
+  extremes and moments, since the normaliser is image-wide; sharp: the nearest distances); the starts
+  (:func:`~anomalib_adfa.soft_topk.moment_start`, :func:`~anomalib_adfa.soft_topk.nearest_subset_start`)
+  usually meet the tolerance at the first evaluation;
+- soft modes, second sweep: the threshold search of :func:`~anomalib_adfa.soft_topk.newton_threshold`,
+  one pass of :mod:`anomalib_adfa.chunk_kernels` per evaluation returning every row sum the score and the
+  gradient need; rows still outside the tolerance continue alone.
+
+With a gradient, the forward also computes each row's gradient direction :math:`G \hat c` per unit of
+upstream gradient, with :math:`\partial s / \partial d_j = z_j - b\, s_j (d_j - \bar d)` for logits
+:math:`a - b d` (from the implicit gradient :func:`~anomalib_adfa.soft_topk.topk_weight_grad`; in hard mode
+the ``K`` selected centre operands), while the chunk is in cache: each score depends on its own patch only,
+so the backward pass is a row scaling of these directions, and no distances are kept for it.
+
+Passes per chunk of the patch-by-centre block in a training step (counted by ``benchmarks/train_speed.py``):
+reference mode 1 matmul, 1 extremes pass, 1 evaluation (usually), 1 gradient pass and its matmul; sharp mode
+the same with the group-minima pass of the selection instead of the extremes; hard mode 1 matmul and 1
+group-minima pass; the backward pass none.
 """
 
 from __future__ import annotations
@@ -37,6 +52,7 @@ from torch import nn
 
 from anomalib_adfa import chunk_kernels
 from anomalib_adfa.soft_topk import (
+    SUBSET_SOLVER_STEPS,
     TopKMode,
     TopKSettings,
     default_tolerance,
@@ -314,7 +330,8 @@ def _sharp_search(nearest: torch.Tensor, topk: TopKSettings, n: int, tol: float 
     """Search of the ``"sharp"`` mode from the :func:`_sharp_start_count` smallest distances of every row."""
     mapping = sharp_logit_map(nearest[..., : topk.k + 1], topk.k, topk.epsilon)  # x = offset - slope * (d - shift)
     # The subset's residual carries over into the full rows' first evaluation: solve it well inside the tolerance.
-    start, upper = nearest_subset_start(mapping(nearest), topk.k, topk.max_steps, None if tol is None else tol / 16)
+    subset_tol = None if tol is None else tol / 16
+    start, upper = nearest_subset_start(mapping(nearest), topk.k, SUBSET_SOLVER_STEPS, subset_tol)
     lower = math.log(topk.k / (n - topk.k)) + torch.zeros_like(start)  # at d = shift, the nearest distance
     return _Search(mapping.slope, mapping.shift, start + mapping.offset, lower + mapping.offset, upper + mapping.offset)
 
