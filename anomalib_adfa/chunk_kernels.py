@@ -107,13 +107,11 @@ def _distance_gradient(
 def _row_extremes(distances: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     clamped = distances.clamp_min(0.0)
     centred = clamped - shift
+    square = centred * centred
+    moments = [centred, square, square * centred, square * square]
     return torch.cat(
-        [
-            clamped.amin(dim=-1, keepdim=True),
-            clamped.amax(dim=-1, keepdim=True),
-            centred.sum(dim=-1, keepdim=True),
-            (centred * centred).sum(dim=-1, keepdim=True),
-        ],
+        [clamped.amin(dim=-1, keepdim=True), clamped.amax(dim=-1, keepdim=True)]
+        + [moment.sum(dim=-1, keepdim=True) for moment in moments],
         dim=-1,
     )
 
@@ -186,9 +184,9 @@ with logits :math:`a - b d` the implicit gradient of the soft top-k
 the chain rule adds :math:`1 / (2 d)`."""
 
 row_extremes = ChunkKernel(_row_extremes)
-r"""``row_extremes(distances, shift (R, 1)) -> (R, 4)``: :math:`[\min d,\ \max d,\ \sum (d - c),\ \sum (d - c)^2]`
-of the clamped distances; the shift :math:`c`, close to the row mean, keeps the second moment free of
-cancellation."""
+r"""``row_extremes(distances, shift (R, 1)) -> (R, 6)``: :math:`\min d`, :math:`\max d` and the sums
+:math:`\sum (d - c)^j`, :math:`j = 1 .. 4`, of the clamped distances; the shift :math:`c`, close to the row mean,
+keeps the moments free of cancellation."""
 
 group_minima = ChunkKernel(_group_minima)
 """``group_minima(distances (R, N), m) -> (R, N // m)``: the minimum of each group of ``m`` columns ``g + i N / m``."""

@@ -313,16 +313,16 @@ def _sharp_start_count(k: int, num_centers: int) -> int:
 
 def _reference_search(statistics: torch.Tensor, shift: torch.Tensor, topk: TopKSettings, n: int) -> _Search:
     """Search of the ``"reference"`` mode from the :data:`~anomalib_adfa.chunk_kernels.row_extremes` of every row."""
-    d_min, d_max, centred_sum, centred_square = statistics.unbind(dim=-1)
-    mapping = reference_logit_map(d_min.amin(dim=1).view(-1, 1, 1), d_max.amax(dim=1).view(-1, 1, 1), topk.epsilon)
-    slope = mapping.slope.expand(*d_min.shape, 1)  # x = offset - slope * d, so beta = tau + offset - slope * shift
+    d_min, d_max = statistics[..., :1], statistics[..., 1:2]
+    mapping = reference_logit_map(d_min.amin(dim=1, keepdim=True), d_max.amax(dim=1, keepdim=True), topk.epsilon)
+    slope = mapping.slope.expand_as(d_min)  # x = offset - slope * d, so beta = tau + offset - slope * shift
     shift = shift.unsqueeze(-1)
-    centred_mean = (centred_sum / n).unsqueeze(-1)
-    variance = (centred_square / n).unsqueeze(-1) - centred_mean.square()
+    powers = torch.arange(1, 5, device=slope.device, dtype=slope.dtype)
+    moments = statistics[..., 2:] / n * (-slope) ** powers  # of the offsets -slope (d - shift)
     logit_ratio = math.log(topk.k / (n - topk.k))
-    lower = logit_ratio + slope * (d_min.unsqueeze(-1) - shift)
-    upper = logit_ratio + slope * (d_max.unsqueeze(-1) - shift)
-    start = moment_start(centred_mean, variance.clamp_min(0.0), slope, topk.k, n)
+    lower = logit_ratio + slope * (d_min - shift)
+    upper = logit_ratio + slope * (d_max - shift)
+    start = moment_start(moments, topk.k, n)
     return _Search(slope, shift, torch.minimum(torch.maximum(start, lower), upper), lower, upper)
 
 
@@ -441,6 +441,9 @@ def _search_chunk(
     pending = (residual.abs() > tol * k).squeeze(-1)
     if steps == 0 or not bool(pending.any()):
         return weights, sums
+    if 2 * int(pending.sum()) > pending.numel():  # most rows: continue on the chunk itself, not a copy
+        start, lower, upper = newton_step(search.start, residual, sums[:, 1:2], search.lower, search.upper)
+        return newton_threshold(evaluation(None), k, start, lower, upper, steps - 1, tol)[1]
     rows = pending.nonzero().squeeze(-1)
     start, lower, upper = newton_step(
         search.start[rows], residual[rows], sums[rows, 1:2], search.lower[rows], search.upper[rows]

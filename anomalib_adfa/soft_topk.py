@@ -297,36 +297,50 @@ def sharp_logit_map(nearest: torch.Tensor, k: int, epsilon: float) -> LogitMap:
     return mapping._replace(start=sharp_start(mapping(nearest), k))
 
 
-def moment_start(mean: torch.Tensor, variance: torch.Tensor, slope: torch.Tensor, k: int, n: int) -> torch.Tensor:
-    r"""Threshold start of the ``"reference"`` mode from each row's mean and variance of the distances.
+def moment_start(moments: torch.Tensor, k: int, n: int, num_iterations: int = 4) -> torch.Tensor:
+    r"""Threshold start of the ``"reference"`` mode from the first four moments of each row's logit offsets.
 
-    With logits :math:`a - b d_i`, write the weights as :math:`\sigma(\beta - b d_i) = \sigma(u + \delta_i)` with
-    :math:`u = \beta - b \bar d` and :math:`\delta_i = -b (d_i - \bar d)`, so :math:`\sum_i \delta_i = 0` and
-    :math:`\frac{1}{n}\sum_i \delta_i^2 = b^2 \operatorname{Var}(d) = v`. To second order
-    :math:`F = n \sigma(u) + n \sigma''(u) v / 2 - k`; linearising :math:`\sigma` around
-    :math:`u_0 = \operatorname{logit}(k/n)` and using :math:`\sigma'' / \sigma' = 1 - 2\sigma` gives the root
+    Write the weights as :math:`\sigma(u + \delta_i)` with offsets :math:`\delta_i` of raw moments
+    :math:`M_j = \frac{1}{n}\sum_i \delta_i^j` and central moments :math:`V_j` (:math:`V_1 = 0`).
+    Taylor-expanding each weight around :math:`v = u + M_1`,
 
     .. math::
 
-        \beta_0 = \operatorname{logit}(k/n) + b \bar d - (1 - 2k/n)\, v / 2 ,
+        \frac{F + k}{n} \approx \sum_{j=0}^{4} \sigma^{(j)}(v) \frac{V_j}{j!}, \qquad
+        \sigma' = p = \sigma(1 - \sigma),\ \sigma^{(2)} = p (1 - 2\sigma),\
+        \sigma^{(3)} = p (1 - 6\sigma + 6\sigma^2),\ \sigma^{(4)} = p (1 - 2\sigma)(1 - 12\sigma + 12\sigma^2),
 
-    the uniform start :math:`\operatorname{logit}(k/n) + b \bar d` (exact for equal logits) corrected by
-    one Newton step evaluated from the moments. The error is of third order in the spread of the logits,
-    which the reference normalisation keeps small, so the first evaluation usually meets the tolerance.
+    and a few scalar Newton steps on this expansion, from the uniform start :math:`v = \operatorname{logit}(k/n)`
+    (exact for equal logits), give its root :math:`u_0 = v - M_1`. The error is of fifth order in the spread of
+    the offsets, which the reference normalisation keeps small, so the first evaluation of the full rows
+    usually meets the tolerance.
 
     Args:
-        mean: Row means of the distances, measured from the shift :math:`c` of weights written
-            :math:`\sigma(\beta - b (d - c))`, ``(..., 1)``; :math:`\beta_0` is then in the same form.
-        variance: Row variances of the distances, ``(..., 1)``.
-        slope: :math:`b`, broadcastable to ``mean``.
+        moments: :math:`[M_1, M_2, M_3, M_4]` per row, ``(..., 4)``.
         k: Number of selected elements.
         n: Number of elements per row.
+        num_iterations: Newton steps on the expansion (each a handful of operations per row).
 
     Returns:
-        :math:`\beta_0`, ``(..., 1)``.
+        :math:`u_0`, ``(..., 1)``.
     """
-    spread = slope.square() * variance
-    return math.log(k / (n - k)) + slope * mean - (0.5 - k / n) * spread
+    m1, m2, m3, m4 = moments.unbind(dim=-1)
+    # Expand around the mean offset: central moments (the first is 0).
+    v2 = m2 - m1.square()
+    v3 = m3 - 3.0 * m1 * m2 + 2.0 * m1.pow(3)
+    v4 = m4 - 4.0 * m1 * m3 + 6.0 * m1.square() * m2 - 3.0 * m1.pow(4)
+    target = k / n
+    u = torch.full_like(m1, math.log(k / (n - k)))  # u + M_1, the uniform start
+    for _ in range(num_iterations):
+        s = torch.sigmoid(u)
+        p = s * (1.0 - s)
+        c2, c3 = 1.0 - 2.0 * s, 1.0 - 6.0 * s + 6.0 * s * s
+        c4 = c2 * (1.0 - 12.0 * s + 12.0 * s * s)
+        c5 = 1.0 - 30.0 * s + 150.0 * s.square() - 240.0 * s.pow(3) + 120.0 * s.pow(4)
+        value = s + p * (c2 * v2 / 2.0 + c3 * v3 / 6.0 + c4 * v4 / 24.0) - target
+        slope = p * (1.0 + c3 * v2 / 2.0 + c4 * v3 / 6.0 + c5 * v4 / 24.0)
+        u = u - value / slope.clamp_min(torch.finfo(u.dtype).tiny)
+    return (u - m1).unsqueeze(-1)
 
 
 def nearest_subset_start(

@@ -400,8 +400,12 @@ def pass_times(model: AdfaModel, features: list[torch.Tensor], repeats: int) -> 
     ]
     weights = [chunk_kernels.weights_and_sums(*args)[0] for args in zip(chunks, betas, slopes, columns, strict=True)]
     group = patch_scoring.selection_block(chunks[0].shape[-1], 4)
+    # exp of the distances themselves would overflow; the weights' arguments are of order 1 to 10.
+    arguments = [
+        (chunk - column) / column.abs().clamp_min(1e-12) for chunk, column in zip(chunks, columns, strict=True)
+    ]
     kinds: dict[str, Callable[[], object]] = {
-        "torch.exp": lambda: [torch.exp(chunk) for chunk in chunks],
+        "torch.exp": lambda: [torch.exp(argument) for argument in arguments],
         "row_extremes": lambda: [chunk_kernels.row_extremes(c, m) for c, m in zip(chunks, columns, strict=True)],
         "group_minima": lambda: [chunk_kernels.group_minima(chunk, group) for chunk in chunks],
         "weight_sums": lambda: [

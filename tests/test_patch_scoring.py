@@ -1,5 +1,7 @@
 """The fused, chunked patch scoring against the plain computation, and the distance modes."""
 
+import math
+
 import pytest
 import torch
 from torch.nn import functional as F  # noqa: N812
@@ -12,8 +14,8 @@ from anomalib_adfa.patch_scoring import (
     selection_block,
     smallest_distances,
 )
-from anomalib_adfa.reference import plain_distances, plain_scores, squared_distances
-from anomalib_adfa.soft_topk import TOPK_MODES, TopKSettings
+from anomalib_adfa.reference import plain_distances, plain_scores, solve_threshold, squared_distances
+from anomalib_adfa.soft_topk import TOPK_MODES, TopKSettings, default_tolerance
 
 
 def adfa_like(batch: int, patches: int, channels: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, ...]:
@@ -109,24 +111,32 @@ def test_smallest_distances_equal_topk(num_centers: int, count: int) -> None:
 
 
 def test_only_rows_outside_the_tolerance_are_evaluated_again(monkeypatch: pytest.MonkeyPatch) -> None:
-    patches, centers, upstream = adfa_like(2, 64, 8, torch.float64, seed=5)
-    topk = TopKSettings(3, "sharp", num_iterations=40)
+    generator = torch.Generator().manual_seed(5)
+    distances = torch.rand(40, 200, generator=generator, dtype=torch.float64) * 3.0
+    slope, shift = torch.full((40, 1), 2.0, dtype=torch.float64), torch.zeros(40, 1, dtype=torch.float64)
+    exact = solve_threshold(-slope * distances, 3, num_iterations=100)  # weights sigmoid(beta - slope * d)
+    start = exact.clone()
+    start[[3, 17]] += 0.5  # two rows start off their root
+    logit_ratio = math.log(3 / 197)
+    lower = logit_ratio + slope * distances.amin(-1, keepdim=True)
+    upper = logit_ratio + slope * distances.amax(-1, keepdim=True)
     rows_evaluated = []
-    kernel = chunk_kernels.weights_and_sums
+    kernel = chunk_kernels.weight_sums
 
-    def recording(distances: torch.Tensor, *args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rows_evaluated.append(distances.shape[0])
-        return kernel(distances, *args)
+    def recording(chunk: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+        rows_evaluated.append(chunk.shape[0])
+        return kernel(chunk, *args)
 
-    monkeypatch.setattr(chunk_kernels, "weights_and_sums", recording)
-    fused = values_and_grads(nearest_center_scores(patches, centers, "squared", topk, 10**9), patches, upstream)
-    plain = values_and_grads(plain_scores(patches, centers, "squared", topk), patches, upstream)
-    for ours, reference in zip(fused, plain, strict=True):
-        torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-12)
-    # One chunk per sweep: all its rows once, then only those the float64 tolerance has not yet accepted.
-    assert rows_evaluated[0] == 2 * 64
+    monkeypatch.setattr(chunk_kernels, "weight_sums", recording)
+    search = patch_scoring._Search(slope, shift, start, lower, upper)
+    tol = default_tolerance(torch.float64)
+    _, sums = patch_scoring._search_chunk(
+        distances, search, TopKSettings(3, "reference", num_iterations=40), tol, False
+    )
+    assert rows_evaluated[0] == 40
     assert len(rows_evaluated) > 1
-    assert all(rows < rows_evaluated[0] for rows in rows_evaluated[1:])
+    assert all(rows == 2 for rows in rows_evaluated[1:])
+    assert (sums[:, 0] - 3).abs().max() <= tol * 3
 
 
 @pytest.mark.parametrize("mode", TOPK_MODES)
