@@ -522,7 +522,8 @@ def main() -> None:
     print(
         f"{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
         f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, chunks of "
-        f"{default_chunk_elements(torch.float32) / 2**20:.1f} M elements, command: {' '.join(sys.argv)}"
+        f"{default_chunk_elements(torch.float32) / 2**20:.1f} M elements, "
+        f"command: python -m benchmarks.train_speed {' '.join(sys.argv[1:])}".rstrip()
     )
     per_epoch = BRAINMRI_TRAIN_IMAGES / args.batch
     met = {}
