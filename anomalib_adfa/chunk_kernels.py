@@ -143,7 +143,6 @@ class ChunkKernel:
 
     def __init__(self, function: Callable[..., Any]) -> None:
         self.function = function
-        self.__doc__ = function.__doc__
         self._compiled: Callable[..., Any] | None = None
 
     def __call__(self, *args: Any) -> Any:

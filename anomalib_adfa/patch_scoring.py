@@ -236,23 +236,15 @@ def _sweeps(
     with_gradient: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`_score_forward` over the batch, :attr:`Chunking.images_per_sweep` images at a time."""
-    step, batch = chunking.images_per_sweep, patch_operand.shape[0]
-    if step >= batch:  # no slicing, so that a traced graph keeps its batch dimension free
-        return _score_forward(
-            patch_operand, center_operand, topk, euclidean, chunking.rows_per_chunk, tol, with_gradient
-        )
+    # The whole batch is passed unsliced when it fits one sweep, so that a traced graph keeps its batch free.
+    step = chunking.images_per_sweep
+    groups = [patch_operand] if step >= patch_operand.shape[0] else patch_operand.split(step)
     parts = [
-        _score_forward(
-            patch_operand[start : start + step],
-            center_operand,
-            topk,
-            euclidean,
-            chunking.rows_per_chunk,
-            tol,
-            with_gradient,
-        )
-        for start in range(0, batch, step)
+        _score_forward(group, center_operand, topk, euclidean, chunking.rows_per_chunk, tol, with_gradient)
+        for group in groups
     ]
+    if len(parts) == 1:
+        return parts[0]
     scores = torch.cat([part[0] for part in parts])
     return scores, torch.cat([part[1] for part in parts]) if with_gradient else None
 
@@ -353,8 +345,8 @@ def _score_forward(
 
     Hard mode keeps the ``K`` smallest distances of each chunk (:func:`smallest_distances`). The soft modes
     make two sweeps: the first computes every chunk's distances with what the search needs to start (row
-    extremes and moments in reference mode, whose normaliser is image-wide; the ``K + 1`` nearest in sharp
-    mode), the starts are then computed for all rows at once, and the second sweep runs the search of
+    extremes and moments in reference mode, whose normaliser is image-wide; the :data:`SHARP_START_NEAREST`
+    nearest in sharp mode), the starts are then computed for all rows at once, and the second sweep runs the search of
     :func:`~anomalib_adfa.soft_topk.newton_threshold` on each chunk with one pass per evaluation
     (:data:`~anomalib_adfa.chunk_kernels.weight_sums`), then the gradient pass and its matmul.
     """
@@ -419,36 +411,42 @@ def _search_chunk(
     continue, on a copy of their distances, so that a few slow rows do not cost the chunk more passes.
     """
 
-    def evaluate(beta: torch.Tensor, rows: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
-        distances = chunk if rows is None else chunk[rows]
-        slope, shift = (search.slope, search.shift) if rows is None else (search.slope[rows], search.shift[rows])
-        if with_gradient:
-            return chunk_kernels.weights_and_sums(distances, beta, slope, shift)
-        return None, chunk_kernels.weight_sums(distances, beta, slope, shift)
-
     def evaluation(rows: torch.Tensor | None) -> Callable[[torch.Tensor], tuple]:
+        """Evaluate all rows, or ``rows`` on a copy of their distances taken once."""
+        distances, slope, shift = chunk, search.slope, search.shift
+        if rows is not None:
+            distances, slope, shift = distances[rows], slope[rows], shift[rows]
+
         def sums_at(beta: torch.Tensor) -> tuple:
-            result = evaluate(beta, rows)
-            return result[1][:, :1], result[1][:, 1:2], result
+            if with_gradient:
+                weights, sums = chunk_kernels.weights_and_sums(distances, beta, slope, shift)
+            else:
+                weights, sums = None, chunk_kernels.weight_sums(distances, beta, slope, shift)
+            return sums[:, :1], sums[:, 1:2], (weights, sums)
 
         return sums_at
 
     steps, k = topk.max_steps, topk.k
+    every_row = evaluation(None)
     if tol is None or not may_exit_early():
-        return newton_threshold(evaluation(None), k, search.start, search.lower, search.upper, steps, tol)[1]
-    weights, sums = evaluate(search.start)
-    residual = sums[:, :1] - k
+        return newton_threshold(every_row, k, search.start, search.lower, search.upper, steps, tol)[1]
+    weight_sum, slope_sum, (weights, sums) = every_row(search.start)
+    residual = weight_sum - k
     pending = (residual.abs() > tol * k).squeeze(-1)
     if steps == 0 or not bool(pending.any()):
         return weights, sums
-    if 2 * int(pending.sum()) > pending.numel():  # most rows: continue on the chunk itself, not a copy
-        start, lower, upper = newton_step(search.start, residual, sums[:, 1:2], search.lower, search.upper)
-        return newton_threshold(evaluation(None), k, start, lower, upper, steps - 1, tol)[1]
-    rows = pending.nonzero().squeeze(-1)
+    # Most rows pending: continue on the chunk itself; a few: on a copy of theirs.
+    rows = None if 2 * int(pending.sum()) > pending.numel() else pending.nonzero().squeeze(-1)
+
+    def pick(value: torch.Tensor) -> torch.Tensor:
+        return value if rows is None else value[rows]
+
     start, lower, upper = newton_step(
-        search.start[rows], residual[rows], sums[rows, 1:2], search.lower[rows], search.upper[rows]
+        pick(search.start), pick(residual), pick(slope_sum), pick(search.lower), pick(search.upper)
     )
     row_weights, row_sums = newton_threshold(evaluation(rows), k, start, lower, upper, steps - 1, tol)[1]
+    if rows is None:
+        return row_weights, row_sums
     sums[rows] = row_sums
     if weights is not None:
         weights[rows] = row_weights

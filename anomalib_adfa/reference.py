@@ -10,6 +10,7 @@ implementation.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -22,6 +23,7 @@ from anomalib_adfa.soft_topk import (
     newton_threshold,
     reference_logit_map,
     sharp_logit_map,
+    sigmoid_sums,
     topk_weight_grad,
 )
 
@@ -107,13 +109,7 @@ def _solve(
     """Threshold and weights; see :func:`solve_threshold`."""
     logit_ratio, lower, upper = threshold_bracket(logits, k)
     tau = logit_ratio - logits.mean(dim=-1, keepdim=True) if start is None else start
-
-    def evaluate(shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        weights = torch.sigmoid(logits + shift)
-        slopes = torch.addcmul(weights, weights, weights, value=-1.0)
-        return weights.sum(dim=-1, keepdim=True), slopes.sum(dim=-1, keepdim=True), weights
-
-    return newton_threshold(evaluate, k, tau, lower, upper, num_iterations, tol)
+    return newton_threshold(functools.partial(sigmoid_sums, logits), k, tau, lower, upper, num_iterations, tol)
 
 
 class _SoftTopKFunction(torch.autograd.Function):

@@ -69,6 +69,7 @@ forms it is checked against are in :mod:`anomalib_adfa.reference`.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -165,6 +166,21 @@ def newton_step(
 
 
 Evaluation = tuple[torch.Tensor, torch.Tensor, T]
+
+
+def sigmoid_sums(logits: torch.Tensor, tau: torch.Tensor) -> Evaluation[torch.Tensor]:
+    r"""Evaluate :func:`newton_threshold`'s sums on materialised logits: the plain searches use it.
+
+    Args:
+        logits: :math:`x`, shape ``(..., n)``.
+        tau: Thresholds, ``(..., 1)``.
+
+    Returns:
+        The two sums, each ``(..., 1)``, and the weights :math:`w = \sigma(x + \tau)`, ``(..., n)``.
+    """
+    weights = torch.sigmoid(logits + tau)
+    slopes = torch.addcmul(weights, weights, weights, value=-1.0)
+    return weights.sum(dim=-1, keepdim=True), slopes.sum(dim=-1, keepdim=True), weights
 
 
 def newton_threshold(
@@ -367,10 +383,6 @@ def nearest_subset_start(
     lower = logit_ratio - top_logits[..., :1]
     upper = logit_ratio - top_logits[..., -1:]
 
-    def evaluate(tau: torch.Tensor) -> Evaluation[None]:
-        weights = torch.sigmoid(top_logits + tau)
-        slopes = torch.addcmul(weights, weights, weights, value=-1.0)
-        return weights.sum(dim=-1, keepdim=True), slopes.sum(dim=-1, keepdim=True), None
-
+    evaluate = functools.partial(sigmoid_sums, top_logits)
     start = newton_threshold(evaluate, k, sharp_start(top_logits, k), lower, upper, num_iterations, tol)[0]
     return start, math.log(k) - top_logits[..., k : k + 1]
