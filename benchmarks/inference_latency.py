@@ -18,7 +18,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import tempfile
 import time
@@ -31,6 +30,7 @@ import torch
 
 from anomalib_adfa import Adfa
 from anomalib_adfa.backbones import LITE0_BACKBONE
+from benchmarks.machine import cpu_model
 
 BACKBONES = {
     "wr50": {"backbone": "wide_resnet50_2"},
@@ -108,16 +108,6 @@ def measure(
                 flush=True,
             )
     return rows
-
-
-def cpu_model() -> str:
-    """CPU model name from /proc/cpuinfo (Linux), else the platform's processor string."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def main() -> None:

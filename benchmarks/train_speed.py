@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
-import platform
 import resource
 import statistics
 import subprocess
@@ -57,6 +56,7 @@ from anomalib_adfa.patch_scoring import PatchScorer, default_chunk_elements, dis
 from anomalib_adfa.reference import plain_distances, topk_weights
 from anomalib_adfa.soft_topk import TOPK_MODES, TopKSettings
 from anomalib_adfa.torch_model import AdfaModel
+from benchmarks.machine import cpu_model
 
 WR50 = ("wide_resnet50_2", ("layer1", "layer2", "layer3"))
 LITE0 = (LITE0_BACKBONE, LITE0_LAYERS)
@@ -95,16 +95,6 @@ def spread(values: list[float]) -> str:
 def relative(times: dict[str, list[float]], name: str, other: str) -> float:
     """Median over rounds of ``times[name] / times[other]``."""
     return statistics.median(a / b for a, b in zip(times[name], times[other], strict=True))
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo`` on Linux, else :func:`platform.processor`)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def build_model(arch: tuple[str, tuple[str, ...]], mode: str = "reference") -> AdfaModel:
@@ -335,7 +325,6 @@ def count_passes(model: AdfaModel, cache: FeatureCache, keys: list[str], scorer:
     the sums are divided by the block's ``B * T * N`` elements. The matmul of the gradient pass runs in the
     forward (see ``patch_scoring._score_forward``), so the backward makes no pass over the block.
     """
-    block = 0
     counts: Counter[str] = Counter()
     kernel_call = chunk_kernels.ChunkKernel.__call__
     distances_of = patch_scoring.operand_distances
