@@ -77,31 +77,32 @@ def weight_terms(
     return clamped, weights, decay * weights * weights
 
 
-def _row_sums(clamped: torch.Tensor, weights: torch.Tensor, slopes: torch.Tensor) -> torch.Tensor:
-    sums = [weights, slopes, weights * clamped, slopes * clamped]
-    return torch.cat([term.sum(dim=-1, keepdim=True) for term in sums], dim=-1)
+def _row_sums(clamped: torch.Tensor, weights: torch.Tensor, slopes: torch.Tensor) -> list[torch.Tensor]:
+    return [term.sum(dim=-1, keepdim=True) for term in (weights, slopes, weights * clamped, slopes * clamped)]
 
 
 def _weight_sums(distances: torch.Tensor, beta: torch.Tensor, slope: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    return _row_sums(*weight_terms(distances, beta, slope, shift))
+    return torch.cat(_row_sums(*weight_terms(distances, beta, slope, shift)), dim=-1)
 
 
-def _weights_and_sums(
-    distances: torch.Tensor, beta: torch.Tensor, slope: torch.Tensor, shift: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    clamped, weights, slopes = weight_terms(distances, beta, slope, shift)
-    return weights, _row_sums(clamped, weights, slopes)
-
-
-def _distance_gradient(
-    distances: torch.Tensor, weights: torch.Tensor, slope: torch.Tensor, mean_distance: torch.Tensor, zero: float
+def _sums_and_gradient(
+    distances: torch.Tensor,
+    beta: torch.Tensor,
+    slope: torch.Tensor,
+    shift: torch.Tensor,
+    zero: float,
+    gradient: torch.Tensor,
 ) -> torch.Tensor:
-    clamped = distances.clamp_min(0.0)
-    gradient = weights - slope * (weights - weights * weights) * (clamped - mean_distance)
+    clamped, weights, slopes = weight_terms(distances, beta, slope, shift)
+    sums = _row_sums(clamped, weights, slopes)
+    # The mean distance is taken from the separate row sums, not from their concatenation: Inductor then fuses
+    # the sums and the gradient into one loop over each row (the row stays in L1 between them).
+    mean_distance = sums[3] / sums[1].clamp_min(torch.finfo(sums[1].dtype).tiny)
+    value = weights - slope * slopes * (clamped - mean_distance)
     if zero > 0.0:  # "euclidean": d = sqrt(q + eps), so dd/dq = 1 / (2 d)
-        gradient = 0.5 * gradient / distances
-    # Written over the weights, which are not needed afterwards: no new chunk-sized buffer to fill.
-    return weights.copy_(torch.where(distances > zero, gradient, 0.0))
+        value = 0.5 * value / distances
+    gradient.copy_(torch.where(distances > zero, value, 0.0))
+    return torch.cat(sums, dim=-1)
 
 
 def _row_extremes(distances: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -133,6 +134,9 @@ class ChunkKernel:
 
     Args:
         function: The pass, in plain PyTorch (kept as :attr:`function`).
+        min_elements: A lower :attr:`min_elements` for this kernel (``own_min_elements``), for work on per-row
+            columns rather than on a chunk: there a call of a few thousand elements already costs a millisecond
+            of eager operator dispatch.
     """
 
     compiler_failed = False
@@ -141,12 +145,16 @@ class ChunkKernel:
     class costs the compiler seconds (small images, short last chunks, the few rows left for a second search
     step)."""
 
-    def __init__(self, function: Callable[..., Any]) -> None:
+    def __init__(self, function: Callable[..., Any], min_elements: int | None = None) -> None:
         self.function = function
+        self.own_min_elements = min_elements
         self._compiled: Callable[..., Any] | None = None
 
     def __call__(self, *args: Any) -> Any:
-        if not may_exit_early() or ChunkKernel.compiler_failed or args[0].numel() < ChunkKernel.min_elements:
+        threshold = ChunkKernel.min_elements
+        if self.own_min_elements is not None:
+            threshold = min(threshold, self.own_min_elements)
+        if not may_exit_early() or ChunkKernel.compiler_failed or args[0].numel() < threshold:
             return self.function(*args)
         if self._compiled is None:
             self._compiled = torch.compile(self.function, dynamic=True, fullgraph=True)
@@ -169,18 +177,14 @@ r"""``weight_sums(distances (R, N), beta (R, 1), slope (R, 1), shift (R, 1)) -> 
 its residual and :math:`\sum s` its slope, :math:`\sum z d` the patch score, and :math:`\sum s d / \sum s` the
 weighted mean distance :math:`\bar d` of the backward pass."""
 
-weights_and_sums = ChunkKernel(_weights_and_sums)
-r"""``weights_and_sums(distances, beta, slope, shift) -> (weights (R, N), sums (R, 4))``: :data:`weight_sums` that also
-returns the weights, for the gradient pass that follows."""
-
-distance_gradient = ChunkKernel(_distance_gradient)
-r"""``distance_gradient(distances, weights, slope, mean_distance (R, 1), zero) -> (R, N)``: gradient of each row's score
-by its squared distances per unit of upstream gradient, written over ``weights``. For :math:`s = \sum_j z_j d_j`
-with logits :math:`a - b d` the implicit gradient of the soft top-k
-(:func:`~anomalib_adfa.soft_topk.topk_weight_grad`) gives :math:`\partial s / \partial d_j = z_j - b\, z_j (1 - z_j)
-(d_j - \bar d)`. The clamp at 0 passes no gradient where it is active (``distances <= zero``); with ``zero > 0``
-(the ``"euclidean"`` mode, ``distances`` already :math:`\sqrt{q + \epsilon}` and ``zero`` :math:`= \sqrt\epsilon`)
-the chain rule adds :math:`1 / (2 d)`."""
+sums_and_gradient = ChunkKernel(_sums_and_gradient)
+r"""``sums_and_gradient(distances, beta, slope, shift, zero, gradient (R, N)) -> (R, 4)``: :data:`weight_sums`, and
+the gradient of each row's score by its squared distances per unit of upstream gradient written into ``gradient``,
+in one pass. For :math:`s = \sum_j z_j d_j` with logits :math:`a - b d` the implicit gradient of the soft top-k
+(:func:`~anomalib_adfa.soft_topk.topk_weight_grad`) gives :math:`\partial s / \partial d_j = z_j - b\, s_j
+(d_j - \bar d)` with :math:`\bar d = \sum s d / \sum s`, a sum of the same pass. The clamp at 0 passes no gradient
+where it is active (``distances <= zero``); with ``zero > 0`` (the ``"euclidean"`` mode, ``distances`` already
+:math:`\sqrt{q + \epsilon}` and ``zero`` :math:`= \sqrt\epsilon`) the chain rule adds :math:`1 / (2 d)`."""
 
 row_extremes = ChunkKernel(_row_extremes)
 r"""``row_extremes(distances, shift (R, 1)) -> (R, 6)``: :math:`\min d`, :math:`\max d` and the sums

@@ -19,24 +19,26 @@ ADFA needs only :math:`s_t = \sum_j z_{tj} d_{tj}` per patch. :func:`nearest_cen
 chunk by chunk of patch rows, an image (or as many as the cache holds) at a time:
 
 - hard mode: one matmul per chunk, then its ``K`` smallest distances (:func:`smallest_distances`);
-- soft modes, first sweep: one matmul per chunk and what the search needs to start (reference: row
-  extremes and moments, since the normaliser is image-wide; sharp: the nearest distances); the starts
-  (:func:`~anomalib_adfa.soft_topk.moment_start`, :func:`~anomalib_adfa.soft_topk.nearest_subset_start`)
-  usually meet the tolerance at the first evaluation;
-- soft modes, second sweep: the threshold search of :func:`~anomalib_adfa.soft_topk.newton_threshold`,
-  one pass of :mod:`anomalib_adfa.chunk_kernels` per evaluation returning every row sum the score and the
-  gradient need; rows still outside the tolerance continue alone.
+- sharp mode (eager): one matmul per chunk, then its :data:`SHARP_CANDIDATES` smallest distances, on which the
+  threshold problem is solved alone wherever the centres left out provably carry no weight float32 can register
+  (:func:`_sharp_candidates`; the other rows, rare, run the search below on their full distances);
+- reference mode, and sharp mode while tracing or exporting, first sweep: one matmul per chunk and what the
+  search needs to start (reference: row extremes and moments, since the normaliser is image-wide; sharp: the
+  nearest distances); the starts (:func:`~anomalib_adfa.soft_topk.moment_start`,
+  :func:`~anomalib_adfa.soft_topk.nearest_subset_start`) usually meet the tolerance at the first evaluation;
+- second sweep: the threshold search of :func:`~anomalib_adfa.soft_topk.newton_threshold`, one pass of
+  :mod:`anomalib_adfa.chunk_kernels` per evaluation returning every row sum the score and the gradient need
+  (with a gradient, the first evaluation writes it as well); rows still outside the tolerance continue alone.
 
 With a gradient, the forward also computes each row's gradient direction :math:`G \hat c` per unit of
 upstream gradient, with :math:`\partial s / \partial d_j = z_j - b\, s_j (d_j - \bar d)` for logits
-:math:`a - b d` (from the implicit gradient :func:`~anomalib_adfa.soft_topk.topk_weight_grad`; in hard mode
-the ``K`` selected centre operands), while the chunk is in cache: each score depends on its own patch only,
-so the backward pass is a row scaling of these directions, and no distances are kept for it.
+:math:`a - b d` (from the implicit gradient :func:`~anomalib_adfa.soft_topk.topk_weight_grad`; in hard and
+eager sharp mode from the selected centre operands), while the chunk is in cache: each score depends on its
+own patch only, so the backward pass is a row scaling of these directions, and no distances are kept for it.
 
 Passes per chunk of the patch-by-centre block in a training step (counted by ``benchmarks/train_speed.py``):
-reference mode 1 matmul, 1 extremes pass, 1 evaluation (usually), 1 gradient pass and its matmul; sharp mode
-the same with the group-minima pass of the selection instead of the extremes; hard mode 1 matmul and 1
-group-minima pass; the backward pass none.
+reference mode 1 matmul, 1 extremes pass, 1 evaluation with the gradient (usually) and the gradient's matmul;
+sharp and hard mode 1 matmul and 1 group-minima pass; the backward pass none.
 """
 
 from __future__ import annotations
@@ -168,6 +170,15 @@ CHUNK_ELEMENTS = 1 << 20
 # few others on alone.
 SHARP_START_NEAREST = 8
 
+# Nearest centres on which eager sharp mode solves each patch's threshold (_sharp_candidates). On a Lite0 BrainMRI
+# batch at most 17 centres of a patch lay within 2.23 (d_(K+1) - d_(1)) of its nearest, where the weights fall
+# below 2^-30 of K.
+SHARP_CANDIDATES = 16
+
+# Total weight that the centres left out of a sharp-mode row may carry for the row to be accepted, in units of
+# the dtype's eps times K (below the rounding of the row's weight sum).
+PRUNED_MASS_EPS = 1 / 16
+
 # Assumed size of the last-level cache where the operating system does not report it.
 DEFAULT_CACHE_BYTES = 32 << 20
 
@@ -279,10 +290,12 @@ def smallest_distances(distances: torch.Tensor, count: int) -> tuple[torch.Tenso
         return values.clamp_min(0.0), indices
     groups = num_centers // size
     minima = chunk_kernels.group_minima(distances, size)
-    chosen = torch.topk(minima, count, dim=-1, largest=False).indices
+    # Unsorted selections and one sort of the result: torch.topk's sorted output costs twice as much for count 16.
+    chosen = torch.topk(minima, count, dim=-1, largest=False, sorted=False).indices
     columns = (chosen.unsqueeze(-1) + groups * torch.arange(size, device=distances.device)).flatten(1)
-    values, picked = torch.topk(distances.gather(1, columns), count, dim=-1, largest=False)
-    return values.clamp_min(0.0), columns.gather(1, picked)
+    values, picked = torch.topk(distances.gather(1, columns), count, dim=-1, largest=False, sorted=False)
+    values, order = values.sort(dim=-1)
+    return values.clamp_min(0.0), columns.gather(1, picked.gather(1, order))
 
 
 class _Search(NamedTuple):
@@ -303,19 +316,27 @@ def _sharp_start_count(k: int, num_centers: int) -> int:
     return min(num_centers, max(k + 1, SHARP_START_NEAREST))
 
 
-def _reference_search(statistics: torch.Tensor, shift: torch.Tensor, topk: TopKSettings, n: int) -> _Search:
-    """Search of the ``"reference"`` mode from the :data:`~anomalib_adfa.chunk_kernels.row_extremes` of every row."""
+def _reference_search(statistics: torch.Tensor, shift: torch.Tensor, k: int, epsilon: float, n: int) -> _Search:
+    """Search of the ``"reference"`` mode from the :data:`~anomalib_adfa.chunk_kernels.row_extremes` of every row.
+
+    ``statistics`` ``(B, T, 6)``, ``shift`` ``(B, T)``; run as :data:`reference_search`.
+    """
     d_min, d_max = statistics[..., :1], statistics[..., 1:2]
-    mapping = reference_logit_map(d_min.amin(dim=1, keepdim=True), d_max.amax(dim=1, keepdim=True), topk.epsilon)
+    mapping = reference_logit_map(d_min.amin(dim=1, keepdim=True), d_max.amax(dim=1, keepdim=True), epsilon)
     slope = mapping.slope.expand_as(d_min)  # x = offset - slope * d, so beta = tau + offset - slope * shift
     shift = shift.unsqueeze(-1)
     powers = torch.arange(1, 5, device=slope.device, dtype=slope.dtype)
     moments = statistics[..., 2:] / n * (-slope) ** powers  # of the offsets -slope (d - shift)
-    logit_ratio = math.log(topk.k / (n - topk.k))
+    logit_ratio = math.log(k / (n - k))
     lower = logit_ratio + slope * (d_min - shift)
     upper = logit_ratio + slope * (d_max - shift)
-    start = moment_start(moments, topk.k, n)
+    start = moment_start(moments, k, n)
     return _Search(slope, shift, torch.minimum(torch.maximum(start, lower), upper), lower, upper)
+
+
+reference_search = chunk_kernels.ChunkKernel(_reference_search, min_elements=1 << 13)
+"""``reference_search(statistics, shift, k, epsilon, n) -> _Search``: :func:`_reference_search`, compiled (its few
+hundred operations on ``(B, T)`` columns cost about 3 ms per image as eager operators)."""
 
 
 def _sharp_search(nearest: torch.Tensor, topk: TopKSettings, n: int, tol: float | None) -> _Search:
@@ -370,6 +391,25 @@ def _score_forward(
                 directions.append((chain.unsqueeze(-2) @ center_operand[indices]).view(batch, b - a, width))
         return torch.cat(scores, dim=1), torch.cat(directions, dim=1) if with_gradient else None
 
+    if topk.mode == "sharp" and may_exit_early():
+        count = min(num_centers, max(topk.k + 1, SHARP_CANDIDATES))
+        nearest, columns = [], []
+        for a, b in bounds:
+            values, indices = smallest_distances(chunk_distances(a, b), count)
+            nearest.append(values.view(batch, b - a, count))
+            columns.append(indices.view(batch, b - a, count))
+        score, direction = _sharp_candidates(
+            torch.cat(nearest, dim=1).flatten(0, 1),
+            torch.cat(columns, dim=1).flatten(0, 1),
+            patch_operand.flatten(0, 1),
+            center_operand,
+            topk,
+            tol,
+            with_gradient,
+            euclidean,
+        )
+        return score.view(batch, num_patches), direction.view(batch, num_patches, width) if with_gradient else None
+
     distances, statistics = [], []
     if topk.mode == "reference":
         shift = patch_operand @ center_operand.mean(dim=0)  # the rows' mean squared distance, (B, T)
@@ -387,54 +427,141 @@ def _score_forward(
         statistics.append(part.view(batch, b - a, -1))
     statistics = torch.cat(statistics, dim=1)
     if topk.mode == "reference":
-        search = _reference_search(statistics, shift, topk, num_centers)
+        search = reference_search(statistics, shift, topk.k, topk.epsilon, num_centers)
     else:
         search = _sharp_search(statistics, topk, num_centers, tol)
     for index, (a, b) in enumerate(bounds):
         chunk, rows = distances[index], _Search(*(field[:, a:b].reshape(-1, 1).contiguous() for field in search))
         distances[index] = None  # freed as soon as its chunk is done
-        weights, sums = _search_chunk(chunk, rows, topk, tol, with_gradient)
+        gradient = torch.empty_like(chunk) if with_gradient else None
+        sums = _search_chunk(chunk, rows, topk, tol, gradient, zero)
         scores.append(sums[:, 2].view(batch, b - a))
         if with_gradient:
-            mean_distance = sums[:, 3:] / sums[:, 1:2].clamp_min(torch.finfo(sums.dtype).tiny)
-            gradient = chunk_kernels.distance_gradient(chunk, weights, rows.slope, mean_distance, zero)
             directions.append((gradient @ center_operand).view(batch, b - a, width))
     return torch.cat(scores, dim=1), torch.cat(directions, dim=1) if with_gradient else None
 
 
-def _search_chunk(
-    chunk: torch.Tensor, search: _Search, topk: TopKSettings, tol: float | None, with_gradient: bool
-) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """Threshold search on the rows ``(R, N)`` of one chunk: weights (with ``with_gradient``) and row sums ``(R, 4)``.
+def _sharp_candidates(
+    nearest: torch.Tensor,
+    columns: torch.Tensor,
+    patch_operand: torch.Tensor,
+    center_operand: torch.Tensor,
+    topk: TopKSettings,
+    tol: float,
+    with_gradient: bool,
+    euclidean: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    r"""Sharp-mode scores ``(R,)`` and their directions from the ``C`` nearest distances ``(R, C)`` of each row alone.
 
-    In eager mode the first evaluation covers every row and only the rows it leaves outside the tolerance
-    continue, on a copy of their distances, so that a few slow rows do not cost the chunk more passes.
+    With logits :math:`x = a - b (d - d_{(1)})` spread by :math:`2 / \varepsilon` between the nearest and the
+    ``(K+1)``-th nearest distance, the weights fall off exponentially with the distance: only a handful of
+    centres per patch carry weight that float32 can register. The threshold problem is solved on the ``C``
+    nearest alone (:func:`~anomalib_adfa.soft_topk.nearest_subset_start`, to the tolerance), and a row is
+    accepted when the ``N - C`` centres left out, each of weight at most :math:`\sigma(x_{(C)} + \tau)`,
+    carry at most :data:`PRUNED_MASS_EPS` of the dtype's eps times ``K`` together: then the full row's
+    residual is within the tolerance too. Their share of the score is smaller still (:math:`z d` decreases
+    beyond :math:`d_{(C)}`, as :math:`b\, d_{(C)} \ge 2 / \varepsilon > 1`), and so is their share of the
+    gradient (``tests/test_patch_scoring.py`` compares both with the full rows). The rows not accepted (none
+    on a Lite0 BrainMRI batch) run the full search of :func:`_search_chunk` from the subset's root, which
+    bounds the full one from above.
+
+    The gradient directions come from the selected centre operands, as in hard mode. ``columns`` are the
+    distances' centre indices and ``patch_operand`` ``(R, D' + 2)`` the rows' operands, from which the rows not
+    accepted get their full distances back.
+    """
+    k, num_centers = topk.k, center_operand.shape[0]
+    zero = math.sqrt(EUCLIDEAN_EPS) if euclidean else 0.0
+    scores, chain, accepted, search = sharp_subset(nearest, k, topk.epsilon, num_centers, tol, zero)
+    directions = (chain.unsqueeze(-2) @ center_operand[columns]).squeeze(-2) if with_gradient else None
+    if bool(accepted.all()):
+        return scores, directions
+    rows = (~accepted).squeeze(-1).nonzero().squeeze(-1)
+    distances = operand_distances(patch_operand[rows], center_operand, euclidean)
+    gradient = torch.empty_like(distances) if with_gradient else None
+    sums = _search_chunk(distances, _Search(*(field[rows] for field in search)), topk, tol, gradient, zero)
+    scores[rows] = sums[:, 2]
+    if with_gradient:
+        directions[rows] = gradient @ center_operand
+    return scores, directions
+
+
+def _sharp_subset(
+    nearest: torch.Tensor, k: int, epsilon: float, num_centers: int, tol: float, zero: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, _Search]:
+    """Solve :func:`_sharp_candidates`' rows on their ``C`` nearest distances ``(R, C)``; run as :data:`sharp_subset`.
+
+    Returns:
+        Scores ``(R,)``; the gradient of each score by the ``C`` distances ``(R, C)``, per unit of upstream
+        gradient; whether each row is accepted ``(R, 1)``; and the :class:`_Search` (fields ``(R, 1)``) from which
+        the rows not accepted continue on their full distances.
+    """
+    mapping = sharp_logit_map(nearest[:, : k + 1], k, epsilon)
+    logits = mapping(nearest)
+    # Compiled, the subset's search runs its SUBSET_SOLVER_STEPS without the early exit (a handful of elements).
+    start, upper = nearest_subset_start(logits, k, SUBSET_SOLVER_STEPS, tol)
+    weights = torch.sigmoid(logits + start)
+    left_out = (num_centers - nearest.shape[-1]) * torch.sigmoid(logits[:, -1:] + start)
+    limit = PRUNED_MASS_EPS * torch.finfo(nearest.dtype).eps * k
+    accepted = ((weights.sum(dim=-1, keepdim=True) - k).abs() <= tol * k) & (left_out <= limit)
+    slopes = weights - weights * weights
+    total = slopes.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(slopes.dtype).tiny)
+    chain = weights - mapping.slope * slopes * (nearest - (slopes * nearest).sum(dim=-1, keepdim=True) / total)
+    chain = 0.5 * chain / nearest if zero > 0.0 else chain
+    chain = torch.where(nearest > zero, chain, 0.0)
+    lower = math.log(k / (num_centers - k)) + torch.zeros_like(start)  # at d = d_(1)
+    offset = mapping.offset
+    search = _Search(mapping.slope, mapping.shift, start + offset, lower + offset, upper + offset)
+    return (weights * nearest).sum(dim=-1), chain, accepted, search
+
+
+sharp_subset = chunk_kernels.ChunkKernel(_sharp_subset, min_elements=1 << 13)
+"""``sharp_subset(nearest, k, epsilon, num_centers, tol, zero)``: :func:`_sharp_subset`, compiled."""
+
+
+def _search_chunk(
+    chunk: torch.Tensor,
+    search: _Search,
+    topk: TopKSettings,
+    tol: float | None,
+    gradient: torch.Tensor | None,
+    zero: float,
+) -> torch.Tensor:
+    """Threshold search on the rows ``(R, N)`` of one chunk; returns the row sums ``(R, 4)`` of the last evaluation.
+
+    With a ``gradient`` buffer ``(R, N)`` it is filled with :data:`~anomalib_adfa.chunk_kernels.sums_and_gradient`'s
+    gradient at the final thresholds. In eager mode the first evaluation covers every row and computes the
+    gradient too, on the chance (usual from the starts) that it meets the tolerance; only the rows it leaves outside
+    continue, on a copy of their distances, with sums-only evaluations and a last pass for their gradient.
     """
 
-    def evaluation(rows: torch.Tensor | None) -> Callable[[torch.Tensor], tuple]:
-        """Evaluate all rows, or ``rows`` on a copy of their distances taken once."""
-        distances, slope, shift = chunk, search.slope, search.shift
-        if rows is not None:
-            distances, slope, shift = distances[rows], slope[rows], shift[rows]
+    def rows_of(rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Distances, slopes and shifts of all rows, or of ``rows`` (a copy of their distances)."""
+        if rows is None:
+            return chunk, search.slope, search.shift
+        return chunk[rows], search.slope[rows], search.shift[rows]
 
+    def evaluation(distances: torch.Tensor, slope: torch.Tensor, shift: torch.Tensor) -> Callable[..., tuple]:
         def sums_at(beta: torch.Tensor) -> tuple:
-            if with_gradient:
-                weights, sums = chunk_kernels.weights_and_sums(distances, beta, slope, shift)
-            else:
-                weights, sums = None, chunk_kernels.weight_sums(distances, beta, slope, shift)
-            return sums[:, :1], sums[:, 1:2], (weights, sums)
+            sums = chunk_kernels.weight_sums(distances, beta, slope, shift)
+            return sums[:, :1], sums[:, 1:2], sums
 
         return sums_at
 
     steps, k = topk.max_steps, topk.k
-    every_row = evaluation(None)
     if tol is None or not may_exit_early():
-        return newton_threshold(every_row, k, search.start, search.lower, search.upper, steps, tol)[1]
-    weight_sum, slope_sum, (weights, sums) = every_row(search.start)
-    residual = weight_sum - k
+        every_row = evaluation(*rows_of(None))
+        beta, sums = newton_threshold(every_row, k, search.start, search.lower, search.upper, steps, tol)
+        if gradient is None:
+            return sums
+        return chunk_kernels.sums_and_gradient(chunk, beta, search.slope, search.shift, zero, gradient)
+    if gradient is None:
+        sums = chunk_kernels.weight_sums(chunk, search.start, search.slope, search.shift)
+    else:
+        sums = chunk_kernels.sums_and_gradient(chunk, search.start, search.slope, search.shift, zero, gradient)
+    residual = sums[:, :1] - k
     pending = (residual.abs() > tol * k).squeeze(-1)
     if steps == 0 or not bool(pending.any()):
-        return weights, sums
+        return sums
     # Most rows pending: continue on the chunk itself; a few: on a copy of theirs.
     rows = None if 2 * int(pending.sum()) > pending.numel() else pending.nonzero().squeeze(-1)
 
@@ -442,15 +569,19 @@ def _search_chunk(
         return value if rows is None else value[rows]
 
     start, lower, upper = newton_step(
-        pick(search.start), pick(residual), pick(slope_sum), pick(search.lower), pick(search.upper)
+        pick(search.start), pick(residual), pick(sums[:, 1:2]), pick(search.lower), pick(search.upper)
     )
-    row_weights, row_sums = newton_threshold(evaluation(rows), k, start, lower, upper, steps - 1, tol)[1]
+    distances, slope, shift = rows_of(rows)
+    beta, row_sums = newton_threshold(evaluation(distances, slope, shift), k, start, lower, upper, steps - 1, tol)
+    if gradient is not None:
+        row_gradient = gradient if rows is None else torch.empty_like(distances)
+        row_sums = chunk_kernels.sums_and_gradient(distances, beta, slope, shift, zero, row_gradient)
+        if rows is not None:
+            gradient[rows] = row_gradient
     if rows is None:
-        return row_weights, row_sums
+        return row_sums
     sums[rows] = row_sums
-    if weights is not None:
-        weights[rows] = row_weights
-    return weights, sums
+    return sums
 
 
 class _FusedScores(torch.autograd.Function):

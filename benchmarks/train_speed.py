@@ -323,17 +323,19 @@ def count_passes(model: AdfaModel, cache: FeatureCache, keys: list[str], scorer:
     Every pass of :mod:`anomalib_adfa.chunk_kernels` and every distance matmul is recorded with the number of
     elements it traverses (a search evaluation of a few rows left outside the tolerance counts for their share);
     the sums are divided by the block's ``B * T * N`` elements. The matmul of the gradient pass runs in the
-    forward (see ``patch_scoring._score_forward``), so the backward makes no pass over the block.
+    forward (see ``patch_scoring._score_forward``), so the backward makes no pass over the block. Sharp mode's
+    work on the 16 nearest centres of each patch (``patch_scoring._sharp_candidates``) is not a pass over the block.
     """
     counts: Counter[str] = Counter()
     kernel_call = chunk_kernels.ChunkKernel.__call__
     distances_of = patch_scoring.operand_distances
 
     def counted_kernel(kernel: chunk_kernels.ChunkKernel, *args: torch.Tensor) -> object:
-        name = kernel.function.__name__.strip("_")
-        counts[name] += args[0].numel()
-        if name == "distance_gradient":
-            counts["gradient matmul"] += args[0].numel()
+        if kernel.function.__module__ == chunk_kernels.__name__:  # not the per-row kernels of the searches' starts
+            name = kernel.function.__name__.strip("_")
+            counts[name] += args[0].numel()
+            if name == "sums_and_gradient":
+                counts["gradient matmul"] += args[0].numel()
         return kernel_call(kernel, *args)
 
     def counted_distances(*args: torch.Tensor, **kwargs: bool) -> torch.Tensor:
@@ -387,7 +389,9 @@ def pass_times(model: AdfaModel, features: list[torch.Tensor], repeats: int) -> 
     betas = [
         torch.full_like(column, math.log(3 / chunk.shape[-1])) for column, chunk in zip(columns, chunks, strict=True)
     ]
-    weights = [chunk_kernels.weights_and_sums(*args)[0] for args in zip(chunks, betas, slopes, columns, strict=True)]
+    gradients = [torch.empty_like(chunk) for chunk in chunks]
+    for *args, gradient in zip(chunks, betas, slopes, columns, gradients, strict=True):
+        chunk_kernels.sums_and_gradient(*args, 0.0, gradient)  # real values for the gradient matmul
     group = patch_scoring.selection_block(chunks[0].shape[-1], 4)
     # exp of the distances themselves would overflow; the weights' arguments are of order 1 to 10.
     arguments = [
@@ -400,19 +404,16 @@ def pass_times(model: AdfaModel, features: list[torch.Tensor], repeats: int) -> 
         "weight_sums": lambda: [
             chunk_kernels.weight_sums(*args) for args in zip(chunks, betas, slopes, columns, strict=True)
         ],
-        "weights_and_sums": lambda: [
-            chunk_kernels.weights_and_sums(*args) for args in zip(chunks, betas, slopes, columns, strict=True)
-        ],
-        "distance_gradient": lambda: [
-            chunk_kernels.distance_gradient(c, w, b, m, 0.0)
-            for c, w, b, m in zip(chunks, weights, slopes, columns, strict=True)
+        "sums_and_gradient": lambda: [
+            chunk_kernels.sums_and_gradient(*args, 0.0, torch.empty_like(args[0]))
+            for args in zip(chunks, betas, slopes, columns, strict=True)
         ],
         "distance matmul": lambda: [
             operand_distances(patch_operand[image : image + 1, a : a + rows].reshape(-1, width), center_operand, False)
             for image in range(batch)
             for a in range(0, num_patches, rows)
         ],
-        "gradient matmul": lambda: [w @ center_operand for w in weights],
+        "gradient matmul": lambda: [g @ center_operand for g in gradients],
     }
     return {name: statistics.median(values) for name, values in round_robin(kinds, repeats).items()}
 

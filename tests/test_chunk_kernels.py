@@ -42,7 +42,9 @@ def test_row_sums_and_gradient_formulas() -> None:
     )
     torch.testing.assert_close(sums, expected)
     mean = sums[:, 3:] / sums[:, 1:2]
-    gradient = chunk_kernels.distance_gradient.function(distances, weights.clone(), slope, mean, 0.0)
+    gradient = torch.full_like(distances, math.nan)
+    same_sums = chunk_kernels.sums_and_gradient.function(distances, beta, slope, shift, 0.0, gradient)
+    torch.testing.assert_close(same_sums, sums, rtol=0, atol=0)
     expected_gradient = (weights - slope * slopes * (clamped - mean)) * (distances > 0)
     torch.testing.assert_close(gradient, expected_gradient)
     extremes = chunk_kernels.row_extremes.function(distances, shift)
@@ -53,30 +55,43 @@ def test_row_sums_and_gradient_formulas() -> None:
     torch.testing.assert_close(extremes[:, 2:], powers)
     minima = chunk_kernels.group_minima.function(distances, 8)
     torch.testing.assert_close(minima, torch.stack([distances[:, g::5].amin(-1) for g in range(5)], -1))
+    # "euclidean": distances are sqrt(q + eps) and the chain rule halves and divides by them.
+    roots = distances.clamp_min(0.0).add(1e-12).sqrt()
+    clamped, weights, slopes = chunk_kernels.weight_terms(roots, beta, slope, shift)
+    sums = chunk_kernels.sums_and_gradient.function(roots, beta, slope, shift, 1e-6, gradient)
+    mean = sums[:, 3:] / sums[:, 1:2]
+    expected_gradient = 0.5 * (weights - slope * slopes * (roots - mean)) / roots * (roots > 1e-6)
+    torch.testing.assert_close(gradient, expected_gradient)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_compiled_kernels_agree_with_plain(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ChunkKernel, "min_elements", 0)  # compile even this small chunk
     distances, beta, slope, shift = chunk_inputs(37, 300, dtype, seed=2)
-    weights = chunk_kernels.weights_and_sums(distances, beta, slope, shift)[0]
+    chunk_kernels.weight_sums(distances, beta, slope, shift)
     if ChunkKernel.compiler_failed:
         pytest.skip("torch.compile cannot build kernels here (no working C++ compiler); the plain path is tested")
-    assert chunk_kernels.weights_and_sums._compiled is not None
+    assert chunk_kernels.weight_sums._compiled is not None
     rtol = 1e-5 if dtype == torch.float32 else 1e-12
     sum_scale = distances.shape[-1] * distances.abs().max().item()  # the centred sums cancel to near 0
     cases = [
         (chunk_kernels.weight_sums, (distances, beta, slope, shift), rtol),
-        (chunk_kernels.weights_and_sums, (distances, beta, slope, shift), rtol),
         (chunk_kernels.row_extremes, (distances, shift), rtol * sum_scale),
         (chunk_kernels.group_minima, (distances, 30), 0.0),
-        (chunk_kernels.distance_gradient, (distances, weights, slope, shift, 0.0), rtol),
-        (chunk_kernels.distance_gradient, (distances.abs().add(1e-3).sqrt(), weights, slope, shift, 1e-6), rtol),
+        # The gradient is written into the last argument: compared with the returned sums.
+        (chunk_kernels.sums_and_gradient, (distances, beta, slope, shift, 0.0, torch.empty_like(distances)), rtol),
+        (
+            chunk_kernels.sums_and_gradient,
+            (distances.abs().add(1e-3).sqrt(), beta, slope, shift, 1e-6, torch.empty_like(distances)),
+            rtol,
+        ),
     ]
     for kernel, args, atol in cases:
-        compiled = kernel(*(arg.clone() if isinstance(arg, torch.Tensor) else arg for arg in args))
-        plain = kernel.function(*(arg.clone() if isinstance(arg, torch.Tensor) else arg for arg in args))
+        compiled_args = [arg.clone() if isinstance(arg, torch.Tensor) else arg for arg in args]
+        plain_args = [arg.clone() if isinstance(arg, torch.Tensor) else arg for arg in args]
+        compiled, plain = kernel(*compiled_args), kernel.function(*plain_args)
         torch.testing.assert_close(compiled, plain, rtol=rtol, atol=atol)
+        torch.testing.assert_close(compiled_args[-1], plain_args[-1], rtol=rtol, atol=atol)
 
 
 def test_compile_failure_falls_back_to_plain_with_one_warning(

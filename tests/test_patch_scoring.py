@@ -130,13 +130,61 @@ def test_only_rows_outside_the_tolerance_are_evaluated_again(monkeypatch: pytest
     monkeypatch.setattr(chunk_kernels, "weight_sums", recording)
     search = patch_scoring._Search(slope, shift, start, lower, upper)
     tol = default_tolerance(torch.float64)
-    _, sums = patch_scoring._search_chunk(
-        distances, search, TopKSettings(3, "reference", num_iterations=40), tol, False
-    )
+    topk = TopKSettings(3, "reference", num_iterations=40)
+    sums = patch_scoring._search_chunk(distances, search, topk, tol, None, 0.0)
     assert rows_evaluated[0] == 40
     assert len(rows_evaluated) > 1
     assert all(rows == 2 for rows in rows_evaluated[1:])
     assert (sums[:, 0] - 3).abs().max() <= tol * 3
+    # With a gradient the first evaluation writes it for every row; the two rows get theirs at their final threshold.
+    rows_evaluated.clear()
+    gradient = torch.full_like(distances, math.nan)
+    with_gradient = patch_scoring._search_chunk(distances, search, topk, tol, gradient, 0.0)
+    assert rows_evaluated
+    assert all(rows == 2 for rows in rows_evaluated)
+    expected = torch.empty_like(distances)
+    expected_sums = chunk_kernels.sums_and_gradient.function(distances, exact, slope, shift, 0.0, expected)
+    torch.testing.assert_close(with_gradient, expected_sums, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(gradient, expected, rtol=1e-8, atol=1e-12)
+
+
+def along_a_path(batch: int, patches: int, channels: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """Centres along a random walk and descriptors near them: a few centres per patch carry sharp-mode weight."""
+    generator = torch.Generator().manual_seed(seed)
+    centers = 0.3 * torch.randn(patches, channels, generator=generator).cumsum(dim=0)
+    noise = torch.randn(batch, patches, channels, generator=generator)
+    return (centers + 0.2 * noise).requires_grad_(), centers, torch.randn(batch, patches, generator=generator)
+
+
+@pytest.mark.parametrize("distance", DISTANCE_MODES)
+def test_sharp_mode_on_its_nearest_centres_equals_the_full_rows(distance: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    patches, centers, upstream = along_a_path(2, 400, 16, seed=7)
+    topk = TopKSettings(3, "sharp")
+    exact = TopKSettings(3, "sharp", num_iterations=40)
+    plain = values_and_grads(
+        plain_scores(patches.double(), centers.double(), distance, exact), patches, upstream.double()
+    )
+    full_rows = []
+    search_chunk = patch_scoring._search_chunk
+
+    def recording(chunk: torch.Tensor, *args: object) -> torch.Tensor:
+        full_rows.append(chunk.shape[0])
+        return search_chunk(chunk, *args)
+
+    monkeypatch.setattr(patch_scoring, "_search_chunk", recording)
+    pruned = values_and_grads(nearest_center_scores(patches, centers, distance, topk), patches, upstream)
+    assert sum(full_rows) < 0.1 * patches.shape[0] * patches.shape[1]  # most rows solved on 16 centres
+    # With a negative allowance every row is searched on its full distances, from the subset's root.
+    full_rows.clear()
+    monkeypatch.setattr(patch_scoring, "PRUNED_MASS_EPS", -1.0)
+    unpruned = values_and_grads(nearest_center_scores(patches, centers, distance, topk), patches, upstream)
+    assert sum(full_rows) == patches.shape[0] * patches.shape[1]
+    for ours, full, reference in zip(pruned, unpruned, plain, strict=True):
+        scale = reference.abs().max().item()
+        # Both agree with float64 to the float32 rounding of the distances, and with each other more closely.
+        torch.testing.assert_close(ours.double(), reference.double(), rtol=0, atol=5e-4 * scale)
+        torch.testing.assert_close(full.double(), reference.double(), rtol=0, atol=5e-4 * scale)
+        torch.testing.assert_close(ours, full, rtol=0, atol=2e-5 * scale)
 
 
 @pytest.mark.parametrize("mode", TOPK_MODES)
