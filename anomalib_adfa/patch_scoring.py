@@ -461,8 +461,8 @@ def _sharp_candidates(
     carry at most :data:`PRUNED_MASS_EPS` of the dtype's eps times ``K`` together: then the full row's
     residual is within the tolerance too. Their share of the score is smaller still (:math:`z d` decreases
     beyond :math:`d_{(C)}`, as :math:`b\, d_{(C)} \ge 2 / \varepsilon > 1`), and so is their share of the
-    gradient (``tests/test_patch_scoring.py`` compares both with the full rows). The rows not accepted (none
-    on a Lite0 BrainMRI batch) run the full search of :func:`_search_chunk` from the subset's root, which
+    gradient (``tests/test_patch_scoring.py`` compares both with the full rows). The rows not accepted (under
+    1 % of a Lite0 BrainMRI batch) run the full search of :func:`_search_chunk` from the subset's root, which
     bounds the full one from above.
 
     The gradient directions come from the selected centre operands, as in hard mode. ``columns`` are the
