@@ -431,7 +431,9 @@ def _score_forward(
     else:
         search = _sharp_search(statistics, topk, num_centers, tol)
     for index, (a, b) in enumerate(bounds):
-        chunk, rows = distances[index], _Search(*(field[:, a:b].reshape(-1, 1).contiguous() for field in search))
+        # Copies, not views (a view is what reshape gives for one image per sweep): the compiled kernels would
+        # compile a second graph for view arguments, whose guards cover their base.
+        chunk, rows = distances[index], _Search(*(field[:, a:b].reshape(-1, 1).clone() for field in search))
         distances[index] = None  # freed as soon as its chunk is done
         gradient = torch.empty_like(chunk) if with_gradient else None
         sums = _search_chunk(chunk, rows, topk, tol, gradient, zero)
