@@ -98,11 +98,34 @@ def _sums_and_gradient(
     # The mean distance is taken from the separate row sums, not from their concatenation: Inductor then fuses
     # the sums and the gradient into one loop over each row (the row stays in L1 between them).
     mean_distance = sums[3] / sums[1].clamp_min(torch.finfo(sums[1].dtype).tiny)
+    gradient.copy_(score_gradient(distances, clamped, weights, slopes, slope, mean_distance, zero))
+    return torch.cat(sums, dim=-1)
+
+
+def score_gradient(
+    distances: torch.Tensor,
+    clamped: torch.Tensor,
+    weights: torch.Tensor,
+    slopes: torch.Tensor,
+    slope: torch.Tensor,
+    mean_distance: torch.Tensor,
+    zero: float,
+) -> torch.Tensor:
+    r"""Gradient of each row's score by its squared distances per unit of upstream gradient (:data:`sums_and_gradient`).
+
+    Args:
+        distances: Raw distances ``(R, n)``.
+        clamped: The distances clamped at 0, ``(R, n)``.
+        weights: :math:`z`, ``(R, n)``.
+        slopes: :math:`s = z (1 - z)`, ``(R, n)``.
+        slope: Slopes :math:`b` of the logits, ``(R, 1)``.
+        mean_distance: :math:`\bar d = \sum s d / \sum s`, ``(R, 1)``.
+        zero: The distance of a clamped squared distance (``> 0`` in the ``"euclidean"`` mode).
+    """
     value = weights - slope * slopes * (clamped - mean_distance)
     if zero > 0.0:  # "euclidean": d = sqrt(q + eps), so dd/dq = 1 / (2 d)
         value = 0.5 * value / distances
-    gradient.copy_(torch.where(distances > zero, value, 0.0))
-    return torch.cat(sums, dim=-1)
+    return torch.where(distances > zero, value, 0.0)
 
 
 def _row_extremes(distances: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:

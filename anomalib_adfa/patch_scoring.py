@@ -312,8 +312,14 @@ def _chunk_bounds(num_rows: int, rows_per_chunk: int) -> list[tuple[int, int]]:
     return [(start, min(start + rows_per_chunk, num_rows)) for start in range(0, num_rows, rows_per_chunk)]
 
 
-def _sharp_start_count(k: int, num_centers: int) -> int:
-    return min(num_centers, max(k + 1, SHARP_START_NEAREST))
+def _nearest_count(k: int, num_centers: int, wanted: int) -> int:
+    """How many nearest distances a sharp-mode row keeps: ``wanted``, at least ``K + 1``, at most ``N``."""
+    return min(num_centers, max(k + 1, wanted))
+
+
+def _distance_zero(euclidean: bool) -> float:
+    """Return the distance of a clamped squared distance: ``sqrt(EUCLIDEAN_EPS)`` if ``euclidean``, else 0."""
+    return math.sqrt(EUCLIDEAN_EPS) if euclidean else 0.0
 
 
 def _reference_search(statistics: torch.Tensor, shift: torch.Tensor, k: int, epsilon: float, n: int) -> _Search:
@@ -339,14 +345,22 @@ reference_search = chunk_kernels.ChunkKernel(_reference_search, min_elements=1 <
 hundred operations on ``(B, T)`` columns cost about 3 ms per image as eager operators)."""
 
 
-def _sharp_search(nearest: torch.Tensor, topk: TopKSettings, n: int, tol: float | None) -> _Search:
-    """Search of the ``"sharp"`` mode from the :func:`_sharp_start_count` smallest distances of every row."""
-    mapping = sharp_logit_map(nearest[..., : topk.k + 1], topk.k, topk.epsilon)  # x = offset - slope * (d - shift)
-    # The subset's residual carries over into the full rows' first evaluation: solve it well inside the tolerance.
-    subset_tol = None if tol is None else tol / 16
-    start, upper = nearest_subset_start(mapping(nearest), topk.k, SUBSET_SOLVER_STEPS, subset_tol)
-    lower = math.log(topk.k / (n - topk.k)) + torch.zeros_like(start)  # at d = shift, the nearest distance
-    return _Search(mapping.slope, mapping.shift, start + mapping.offset, lower + mapping.offset, upper + mapping.offset)
+def _sharp_root(
+    nearest: torch.Tensor, k: int, epsilon: float, n: int, tol: float | None
+) -> tuple[torch.Tensor, torch.Tensor, _Search]:
+    """Solve sharp mode on each row's nearest distances ``(..., m)``, increasing, alone.
+
+    Returns:
+        Their logits, the root of the threshold problem on them alone
+        (:func:`~anomalib_adfa.soft_topk.nearest_subset_start`, to ``tol``), and the :class:`_Search` of the full
+        rows of ``n`` distances from there (the root bounds the full one from above).
+    """
+    mapping = sharp_logit_map(nearest[..., : k + 1], k, epsilon)  # x = offset - slope * (d - shift)
+    logits = mapping(nearest)
+    start, upper = nearest_subset_start(logits, k, SUBSET_SOLVER_STEPS, tol)
+    lower = math.log(k / (n - k)) + torch.zeros_like(start)  # at d = shift, the nearest distance
+    offset = mapping.offset
+    return logits, start, _Search(mapping.slope, mapping.shift, start + offset, lower + offset, upper + offset)
 
 
 def _score_forward(
@@ -374,7 +388,7 @@ def _score_forward(
     batch, num_patches, width = patch_operand.shape
     num_centers = center_operand.shape[0]
     bounds = _chunk_bounds(num_patches, rows_per_chunk)
-    zero = math.sqrt(EUCLIDEAN_EPS) if euclidean else 0.0  # the distance of a clamped squared distance
+    zero = _distance_zero(euclidean)
     scores: list[torch.Tensor] = []
     directions: list[torch.Tensor] = []
 
@@ -392,7 +406,7 @@ def _score_forward(
         return torch.cat(scores, dim=1), torch.cat(directions, dim=1) if with_gradient else None
 
     if topk.mode == "sharp" and may_exit_early():
-        count = min(num_centers, max(topk.k + 1, SHARP_CANDIDATES))
+        count = _nearest_count(topk.k, num_centers, SHARP_CANDIDATES)
         nearest, columns = [], []
         for a, b in bounds:
             values, indices = smallest_distances(chunk_distances(a, b), count)
@@ -419,7 +433,7 @@ def _score_forward(
         if topk.mode == "reference":
             part = chunk_kernels.row_extremes(chunk, shift[:, a:b].reshape(-1, 1))
         elif topk.mode == "sharp":
-            part = smallest_distances(chunk, _sharp_start_count(topk.k, num_centers))[0]
+            part = smallest_distances(chunk, _nearest_count(topk.k, num_centers, SHARP_START_NEAREST))[0]
         else:
             msg = f"unknown top-k mode {topk.mode!r}"
             raise ValueError(msg)
@@ -429,7 +443,8 @@ def _score_forward(
     if topk.mode == "reference":
         search = reference_search(statistics, shift, topk.k, topk.epsilon, num_centers)
     else:
-        search = _sharp_search(statistics, topk, num_centers, tol)
+        # The subset's residual carries over into the full rows' first evaluation: solve it well inside the tolerance.
+        search = _sharp_root(statistics, topk.k, topk.epsilon, num_centers, None if tol is None else tol / 16)[2]
     for index, (a, b) in enumerate(bounds):
         # Copies, not views (a view is what reshape gives for one image per sweep): the compiled kernels would
         # compile a second graph for view arguments, whose guards cover their base.
@@ -472,7 +487,7 @@ def _sharp_candidates(
     accepted get their full distances back.
     """
     k, num_centers = topk.k, center_operand.shape[0]
-    zero = math.sqrt(EUCLIDEAN_EPS) if euclidean else 0.0
+    zero = _distance_zero(euclidean)
     scores, chain, accepted, search = sharp_subset(nearest, k, topk.epsilon, num_centers, tol, zero)
     directions = (chain.unsqueeze(-2) @ center_operand[columns]).squeeze(-2) if with_gradient else None
     if bool(accepted.all()):
@@ -497,22 +512,16 @@ def _sharp_subset(
         gradient; whether each row is accepted ``(R, 1)``; and the :class:`_Search` (fields ``(R, 1)``) from which
         the rows not accepted continue on their full distances.
     """
-    mapping = sharp_logit_map(nearest[:, : k + 1], k, epsilon)
-    logits = mapping(nearest)
     # Compiled, the subset's search runs its SUBSET_SOLVER_STEPS without the early exit (a handful of elements).
-    start, upper = nearest_subset_start(logits, k, SUBSET_SOLVER_STEPS, tol)
+    logits, start, search = _sharp_root(nearest, k, epsilon, num_centers, tol)
     weights = torch.sigmoid(logits + start)
     left_out = (num_centers - nearest.shape[-1]) * torch.sigmoid(logits[:, -1:] + start)
     limit = PRUNED_MASS_EPS * torch.finfo(nearest.dtype).eps * k
     accepted = ((weights.sum(dim=-1, keepdim=True) - k).abs() <= tol * k) & (left_out <= limit)
     slopes = weights - weights * weights
     total = slopes.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(slopes.dtype).tiny)
-    chain = weights - mapping.slope * slopes * (nearest - (slopes * nearest).sum(dim=-1, keepdim=True) / total)
-    chain = 0.5 * chain / nearest if zero > 0.0 else chain
-    chain = torch.where(nearest > zero, chain, 0.0)
-    lower = math.log(k / (num_centers - k)) + torch.zeros_like(start)  # at d = d_(1)
-    offset = mapping.offset
-    search = _Search(mapping.slope, mapping.shift, start + offset, lower + offset, upper + offset)
+    mean_distance = (slopes * nearest).sum(dim=-1, keepdim=True) / total
+    chain = chunk_kernels.score_gradient(nearest, nearest, weights, slopes, search.slope, mean_distance, zero)
     return (weights * nearest).sum(dim=-1), chain, accepted, search
 
 
