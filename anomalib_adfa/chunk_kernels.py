@@ -4,7 +4,10 @@ Each function here is one traversal of a chunk ``(R, N)`` of the distance block 
 centres) that reads the chunk once and returns per-row sums, or writes one ``(R, N)`` result. The threshold
 search of :mod:`anomalib_adfa.patch_scoring` calls them; everything between two calls works on ``(R, 1)``
 columns. With ``torch.compile`` (Inductor's C++ backend) each call becomes one vectorised loop over the chunk;
-without a working C++ compiler they run as plain PyTorch (several passes each, same values to rounding).
+without a working C++ compiler they run as plain PyTorch (several passes each, same values to rounding). For
+float32 CPU chunks the three passes of the reference mode's step (:data:`row_extremes`, :data:`weight_sums`,
+:data:`sums_and_gradient`) run in C instead where the system's C compiler builds ``row_kernels.c``
+(:mod:`anomalib_adfa.native_kernels`, which says why), with the same formulas.
 
 Weights and their slopes in one pass
 ------------------------------------
@@ -39,6 +42,7 @@ from typing import Any
 
 import torch
 
+from anomalib_adfa import native_kernels
 from anomalib_adfa.soft_topk import may_exit_early
 
 logger = logging.getLogger(__name__)
@@ -146,7 +150,7 @@ def _group_minima(distances: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class ChunkKernel:
-    """One pass over a chunk: the ``torch.compile``'d function where that works, else the plain one.
+    """One pass over a chunk: in C where it has a C version that runs, else ``torch.compile``'d, else plain.
 
     Compilation happens at the first call on a chunk of at least :attr:`min_elements` (once per process and
     dtype; Inductor caches the code on disk, so later processes load it in about a second).
@@ -160,6 +164,9 @@ class ChunkKernel:
         min_elements: A lower :attr:`min_elements` for this kernel (``own_min_elements``), for work on per-row
             columns rather than on a chunk: there a call of a few thousand elements already costs a millisecond
             of eager operator dispatch.
+        native: The pass in C (:mod:`anomalib_adfa.native_kernels`), called with the same arguments; it returns
+            ``None`` where it does not run (not built, or not float32 CPU tensors). It has no compile cost per
+            shape, so it serves chunks of every size.
     """
 
     compiler_failed = False
@@ -168,12 +175,22 @@ class ChunkKernel:
     class costs the compiler seconds (small images, short last chunks, the few rows left for a second search
     step)."""
 
-    def __init__(self, function: Callable[..., Any], min_elements: int | None = None) -> None:
+    def __init__(
+        self,
+        function: Callable[..., Any],
+        min_elements: int | None = None,
+        native: Callable[..., Any] | None = None,
+    ) -> None:
         self.function = function
         self.own_min_elements = min_elements
+        self.native = native
         self._compiled: Callable[..., Any] | None = None
 
     def __call__(self, *args: Any) -> Any:
+        if self.native is not None and may_exit_early():
+            result = self.native(*args)
+            if result is not None:
+                return result
         threshold = ChunkKernel.min_elements
         if self.own_min_elements is not None:
             threshold = min(threshold, self.own_min_elements)
@@ -194,13 +211,31 @@ class ChunkKernel:
             return self.function(*args)
 
 
-weight_sums = ChunkKernel(_weight_sums)
+def _native_weight_sums(
+    distances: torch.Tensor, beta: torch.Tensor, slope: torch.Tensor, shift: torch.Tensor
+) -> torch.Tensor | None:
+    return native_kernels.weight_sums(distances, beta, slope, shift, argument_floor(distances.dtype))
+
+
+def _native_sums_and_gradient(
+    distances: torch.Tensor,
+    beta: torch.Tensor,
+    slope: torch.Tensor,
+    shift: torch.Tensor,
+    zero: float,
+    gradient: torch.Tensor,
+) -> torch.Tensor | None:
+    floor = argument_floor(distances.dtype)
+    return native_kernels.weight_sums(distances, beta, slope, shift, floor, zero, gradient)
+
+
+weight_sums = ChunkKernel(_weight_sums, native=_native_weight_sums)
 r"""``weight_sums(distances (R, N), beta (R, 1), slope (R, 1), shift (R, 1)) -> (R, 4)``: row sums
 :math:`[\sum z,\ \sum s,\ \sum z d,\ \sum s d]`, one evaluation of the threshold search. :math:`\sum z - k` is
 its residual and :math:`\sum s` its slope, :math:`\sum z d` the patch score, and :math:`\sum s d / \sum s` the
 weighted mean distance :math:`\bar d` of the backward pass."""
 
-sums_and_gradient = ChunkKernel(_sums_and_gradient)
+sums_and_gradient = ChunkKernel(_sums_and_gradient, native=_native_sums_and_gradient)
 r"""``sums_and_gradient(distances, beta, slope, shift, zero, gradient (R, N)) -> (R, 4)``: :data:`weight_sums`, and
 the gradient of each row's score by its squared distances per unit of upstream gradient written into ``gradient``,
 in one pass. For :math:`s = \sum_j z_j d_j` with logits :math:`a - b d` the implicit gradient of the soft top-k
@@ -209,7 +244,7 @@ in one pass. For :math:`s = \sum_j z_j d_j` with logits :math:`a - b d` the impl
 where it is active (``distances <= zero``); with ``zero > 0`` (the ``"euclidean"`` mode, ``distances`` already
 :math:`\sqrt{q + \epsilon}` and ``zero`` :math:`= \sqrt\epsilon`) the chain rule adds :math:`1 / (2 d)`."""
 
-row_extremes = ChunkKernel(_row_extremes)
+row_extremes = ChunkKernel(_row_extremes, native=native_kernels.row_extremes)
 r"""``row_extremes(distances, shift (R, 1)) -> (R, 6)``: :math:`\min d`, :math:`\max d` and the sums
 :math:`\sum (d - c)^j`, :math:`j = 1 .. 4`, of the clamped distances; the shift :math:`c`, close to the row mean,
 keeps the moments free of cancellation."""

@@ -45,12 +45,14 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
+from torch.nn import functional as F  # noqa: N812
 
 from anomalib_adfa import chunk_kernels
 from anomalib_adfa.soft_topk import (
@@ -142,7 +144,9 @@ def distance_operands(
     return patch_operand, center_operand
 
 
-def operand_distances(patch_operand: torch.Tensor, center_operand: torch.Tensor, euclidean: bool) -> torch.Tensor:
+def operand_distances(
+    patch_operand: torch.Tensor, center_operand: torch.Tensor, euclidean: bool, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Distances from the operands of :func:`distance_operands`, for a chunk of patches.
 
     The squared distances are returned as the matmul gives them, rounding below 0 included: every consumer
@@ -152,11 +156,12 @@ def operand_distances(patch_operand: torch.Tensor, center_operand: torch.Tensor,
         patch_operand: Shape ``(..., D' + 2)``.
         center_operand: Shape ``(N, D' + 2)``.
         euclidean: Take the square root of the clamped squared distances (the ``"euclidean"`` mode).
+        out: Optional contiguous ``(..., N)`` tensor to write the distances into.
 
     Returns:
-        Distances ``(..., N)``.
+        Distances ``(..., N)`` (``out`` when given).
     """
-    distances = torch.matmul(patch_operand, center_operand.T)
+    distances = torch.matmul(patch_operand, center_operand.T, out=out)
     return distances.clamp_min_(0.0).add_(EUCLIDEAN_EPS).sqrt_() if euclidean else distances
 
 
@@ -207,6 +212,32 @@ def default_chunk_elements(dtype: torch.dtype) -> int:
     (1.62 at 8 M, 2.00 at 16 M).
     """
     return max(CHUNK_ELEMENTS // 4, last_level_cache_bytes() // (6 * torch.finfo(dtype).bits // 8))
+
+
+class SweepMemory(threading.local):
+    """Memory for the distance block of a soft-mode sweep and its gradient chunk, kept from one call to the next.
+
+    A soft-mode sweep holds the distances of its images (sized to the last-level cache) and one gradient chunk at
+    once. Allocated afresh in every call, glibc's allocator hands that memory back to the system when the call
+    frees it (a free heap top beyond twice its largest recent allocation is trimmed), and the next call pays for
+    it again in page faults: 10 to 120 thousand per Lite0 training step of ``benchmarks/train_speed.py`` on the
+    project's Xeon, none in its floor. Eager CPU runs therefore take it from here; one buffer per thread, the
+    largest yet asked for, is kept (at most the cache size plus one chunk).
+    """
+
+    def __init__(self) -> None:
+        self.buffer: torch.Tensor | None = None
+
+    def take(self, numel: int, like: torch.Tensor) -> torch.Tensor:
+        """Return a flat tensor of ``numel`` elements of ``like``'s dtype (its contents undefined)."""
+        buffer = self.buffer
+        if buffer is None or buffer.numel() < numel or buffer.dtype != like.dtype:
+            self.buffer = buffer = None  # the old one is freed before its successor is allocated
+            self.buffer = buffer = like.new_empty(numel)
+        return buffer[:numel]
+
+
+sweep_memory = SweepMemory()
 
 
 class Chunking(NamedTuple):
@@ -296,6 +327,23 @@ def smallest_distances(distances: torch.Tensor, count: int) -> tuple[torch.Tenso
     values, picked = torch.topk(distances.gather(1, columns), count, dim=-1, largest=False, sorted=False)
     values, order = values.sort(dim=-1)
     return values.clamp_min(0.0), columns.gather(1, picked.gather(1, order))
+
+
+def selected_directions(chain: torch.Tensor, columns: torch.Tensor, center_operand: torch.Tensor) -> torch.Tensor:
+    r"""Directions :math:`\sum_c \text{chain}_{rc}\, \hat c_{\text{columns}_{rc}}` of rows scored on a few centres.
+
+    ``torch.nn.functional.embedding_bag`` sums the weighted centre operands per row without materialising the
+    ``(R, C, D' + 2)`` gather (92 MB for a Lite0 batch in sharp mode, 0.9 GB with WR50 dimensions).
+
+    Args:
+        chain: Gradient of each row's score by its selected distances, ``(R, C)``.
+        columns: The selected centres' indices, ``(R, C)``.
+        center_operand: ``(N, D' + 2)``.
+
+    Returns:
+        ``(R, D' + 2)``.
+    """
+    return F.embedding_bag(columns, center_operand, mode="sum", per_sample_weights=chain)
 
 
 class _Search(NamedTuple):
@@ -392,8 +440,8 @@ def _score_forward(
     scores: list[torch.Tensor] = []
     directions: list[torch.Tensor] = []
 
-    def chunk_distances(a: int, b: int) -> torch.Tensor:
-        return operand_distances(patch_operand[:, a:b].reshape(-1, width), center_operand, euclidean)
+    def chunk_distances(a: int, b: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        return operand_distances(patch_operand[:, a:b].reshape(-1, width), center_operand, euclidean, out)
 
     if topk.mode == "hard":
         for a, b in bounds:
@@ -402,7 +450,7 @@ def _score_forward(
             if with_gradient:
                 chain = 0.5 / values if euclidean else torch.ones_like(values)
                 chain = torch.where(values > zero, chain, 0.0)
-                directions.append((chain.unsqueeze(-2) @ center_operand[indices]).view(batch, b - a, width))
+                directions.append(selected_directions(chain, indices, center_operand).view(batch, b - a, width))
         return torch.cat(scores, dim=1), torch.cat(directions, dim=1) if with_gradient else None
 
     if topk.mode == "sharp" and may_exit_early():
@@ -424,12 +472,21 @@ def _score_forward(
         )
         return score.view(batch, num_patches), direction.view(batch, num_patches, width) if with_gradient else None
 
+    # Eager CPU sweeps write their distances and gradients into kept memory (SweepMemory says why).
+    memory = None
+    if may_exit_early() and patch_operand.device.type == "cpu":
+        gradient_rows = min(rows_per_chunk, num_patches) if with_gradient else 0
+        memory = sweep_memory.take((num_patches + gradient_rows) * batch * num_centers, patch_operand)
+
+    def part_of_memory(offset: int, rows: int) -> torch.Tensor | None:
+        return None if memory is None else memory[offset * num_centers : (offset + rows) * num_centers].view(rows, -1)
+
     distances, statistics = [], []
     if topk.mode == "reference":
         shift = patch_operand @ center_operand.mean(dim=0)  # the rows' mean squared distance, (B, T)
         shift = shift.clamp_min(0.0).add(EUCLIDEAN_EPS).sqrt() if euclidean else shift
     for a, b in bounds:
-        chunk = chunk_distances(a, b)
+        chunk = chunk_distances(a, b, part_of_memory(batch * a, batch * (b - a)))
         if topk.mode == "reference":
             part = chunk_kernels.row_extremes(chunk, shift[:, a:b].reshape(-1, 1))
         elif topk.mode == "sharp":
@@ -450,7 +507,10 @@ def _score_forward(
         # compile a second graph for view arguments, whose guards cover their base.
         chunk, rows = distances[index], _Search(*(field[:, a:b].reshape(-1, 1).clone() for field in search))
         distances[index] = None  # freed as soon as its chunk is done
-        gradient = torch.empty_like(chunk) if with_gradient else None
+        gradient = None
+        if with_gradient:
+            gradient = part_of_memory(batch * num_patches, chunk.shape[0])
+            gradient = torch.empty_like(chunk) if gradient is None else gradient
         sums = _search_chunk(chunk, rows, topk, tol, gradient, zero)
         scores.append(sums[:, 2].view(batch, b - a))
         if with_gradient:
@@ -489,7 +549,7 @@ def _sharp_candidates(
     k, num_centers = topk.k, center_operand.shape[0]
     zero = _distance_zero(euclidean)
     scores, chain, accepted, search = sharp_subset(nearest, k, topk.epsilon, num_centers, tol, zero)
-    directions = (chain.unsqueeze(-2) @ center_operand[columns]).squeeze(-2) if with_gradient else None
+    directions = selected_directions(chain, columns, center_operand) if with_gradient else None
     if bool(accepted.all()):
         return scores, directions
     rows = (~accepted).squeeze(-1).nonzero().squeeze(-1)

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import torch
 
-from anomalib_adfa import chunk_kernels, patch_scoring
+from anomalib_adfa import chunk_kernels, native_kernels, patch_scoring
 from anomalib_adfa.backbones import LITE0_BACKBONE, LITE0_LAYERS
 from anomalib_adfa.feature_cache import FeatureCache
 from anomalib_adfa.patch_scoring import PatchScorer, default_chunk_elements, distance_operands, operand_distances
@@ -523,6 +523,8 @@ def main() -> None:
         if name == "WR50":
             wr50 = result
     kernels = "eager (no working C++ compiler)" if chunk_kernels.ChunkKernel.compiler_failed else compiled
+    if native_kernels.library() is not None:
+        kernels = f"in C (row_kernels.c: row sums, gradient, extremes), the others {kernels}"
     print(f"chunk kernels ran {kernels}")
     for batch in (1, 8):
         print(f"[WR50] eval latency, batch {batch}: {latency(batch, args.repeats):.3f} s/image (backbone included)")

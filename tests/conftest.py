@@ -224,3 +224,20 @@ def localisation_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pat
         torch.save({"maps": torch.cat(recorder.maps), "masks": torch.cat(recorder.masks)}, run / "raw_maps.pt")
         runs[name] = run
     return runs
+
+
+def _chunk_inputs(rows: int, columns: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, ...]:
+    """Raw distances with a few rounding negatives, and per-row threshold, slope and shift."""
+    generator = torch.Generator().manual_seed(seed)
+    distances = torch.rand(rows, columns, generator=generator, dtype=dtype) * 4.0
+    distances[:, :3] = torch.tensor([-1e-7, 0.0, 1e-3], dtype=dtype)
+    beta = torch.randn(rows, 1, generator=generator, dtype=dtype)
+    slope = torch.rand(rows, 1, generator=generator, dtype=dtype) * 5.0 + 0.1
+    shift = distances.mean(dim=-1, keepdim=True)
+    return distances, beta, slope, shift
+
+
+@pytest.fixture(scope="session")
+def chunk_inputs() -> Callable[..., tuple[torch.Tensor, ...]]:
+    """``chunk_inputs(rows, columns, dtype, seed)``: inputs of the chunk kernels (raw distances and per-row columns)."""
+    return _chunk_inputs

@@ -2,26 +2,18 @@
 
 import logging
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
 
-from anomalib_adfa import chunk_kernels
+from anomalib_adfa import chunk_kernels, native_kernels
 from anomalib_adfa.chunk_kernels import ChunkKernel
 
-
-def chunk_inputs(rows: int, columns: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, ...]:
-    """Raw distances with a few rounding negatives, and per-row threshold, slope and shift."""
-    generator = torch.Generator().manual_seed(seed)
-    distances = torch.rand(rows, columns, generator=generator, dtype=dtype) * 4.0
-    distances[:, :3] = torch.tensor([-1e-7, 0.0, 1e-3], dtype=dtype)
-    beta = torch.randn(rows, 1, generator=generator, dtype=dtype)
-    slope = torch.rand(rows, 1, generator=generator, dtype=dtype) * 5.0 + 0.1
-    shift = distances.mean(dim=-1, keepdim=True)
-    return distances, beta, slope, shift
+ChunkInputs = Callable[..., tuple[torch.Tensor, ...]]
 
 
-def test_weight_terms_are_the_clamped_sigmoid_and_its_slope() -> None:
+def test_weight_terms_are_the_clamped_sigmoid_and_its_slope(chunk_inputs: ChunkInputs) -> None:
     distances, beta, slope, shift = chunk_inputs(6, 50, torch.float64, seed=0)
     clamped, weights, slopes = chunk_kernels.weight_terms(distances, beta, slope, shift)
     expected = torch.sigmoid(beta - slope * (distances.clamp_min(0.0) - shift))
@@ -33,7 +25,7 @@ def test_weight_terms_are_the_clamped_sigmoid_and_its_slope() -> None:
     assert torch.allclose(far[1], torch.tensor(math.sqrt(torch.finfo(torch.float32).tiny)), rtol=1e-3)
 
 
-def test_row_sums_and_gradient_formulas() -> None:
+def test_row_sums_and_gradient_formulas(chunk_inputs: ChunkInputs) -> None:
     distances, beta, slope, shift = chunk_inputs(5, 40, torch.float64, seed=1)
     clamped, weights, slopes = chunk_kernels.weight_terms(distances, beta, slope, shift)
     sums = chunk_kernels.weight_sums.function(distances, beta, slope, shift)
@@ -65,8 +57,11 @@ def test_row_sums_and_gradient_formulas() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_compiled_kernels_agree_with_plain(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compiled_kernels_agree_with_plain(
+    chunk_inputs: ChunkInputs, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(ChunkKernel, "min_elements", 0)  # compile even this small chunk
+    monkeypatch.setattr(native_kernels, "library", lambda: None)  # the C kernels: tests/test_native_kernels.py
     distances, beta, slope, shift = chunk_inputs(37, 300, dtype, seed=2)
     chunk_kernels.weight_sums(distances, beta, slope, shift)
     if ChunkKernel.compiler_failed:
@@ -95,7 +90,7 @@ def test_compiled_kernels_agree_with_plain(dtype: torch.dtype, monkeypatch: pyte
 
 
 def test_compile_failure_falls_back_to_plain_with_one_warning(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    chunk_inputs: ChunkInputs, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     def broken_compile(function: object, **_: object) -> object:
         def raise_failure(*_args: object) -> None:
@@ -121,7 +116,7 @@ def test_compile_failure_falls_back_to_plain_with_one_warning(
     assert "No working C++ compiler" in warnings[0].getMessage()
 
 
-def test_small_chunks_and_traced_graphs_run_plain(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_small_chunks_and_traced_graphs_run_plain(chunk_inputs: ChunkInputs, monkeypatch: pytest.MonkeyPatch) -> None:
     def no_compile(*_: object, **__: object) -> None:
         pytest.fail("a small chunk or a traced call must not compile")
 

@@ -207,3 +207,35 @@ def test_chunk_sizes_follow_the_cache(monkeypatch: pytest.MonkeyPatch) -> None:
     assert patch_scoring.default_chunk_elements(torch.float64) == 1 << 20
     # Exported graphs take any batch: the whole batch in one sweep, chunks sized per image.
     assert patch_scoring.chunking_for(8, 3136, 3136, torch.float32, 1 << 20, True) == (8, 334)
+
+
+@pytest.mark.parametrize("distance", ["kl_weighted", "euclidean"])
+def test_soft_sweeps_reuse_their_memory_and_return_none_of_it(distance: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(patch_scoring, "sweep_memory", patch_scoring.SweepMemory())
+    patches, centers, upstream = adfa_like(3, 49, 12, torch.float32, seed=8)
+    topk = TopKSettings(3, "reference")
+    first = values_and_grads(nearest_center_scores(patches, centers, distance, topk, 500), patches, upstream)
+    memory = patch_scoring.sweep_memory.buffer
+    # The block of the whole batch (one sweep) and one gradient chunk of 3 images x 3 rows.
+    assert patch_scoring.chunking_for(3, 49, 49, torch.float32, 500, False) == (3, 3)
+    assert memory is not None
+    assert memory.numel() == (49 + 3) * 3 * 49
+    second = values_and_grads(nearest_center_scores(patches, centers, distance, topk, 500), patches, upstream)
+    assert patch_scoring.sweep_memory.buffer is memory  # taken again, not allocated again
+    memory.fill_(math.nan)  # nothing returned lives in it
+    for again, before in zip(second, first, strict=True):
+        assert again.untyped_storage().data_ptr() != memory.untyped_storage().data_ptr()
+        torch.testing.assert_close(again, before, rtol=0, atol=0)
+    plain = values_and_grads(plain_scores(patches, centers, distance, topk), patches, upstream)
+    for ours, reference in zip(second, plain, strict=True):
+        torch.testing.assert_close(ours, reference, rtol=2e-4, atol=1e-5 * reference.abs().max().item())
+
+
+def test_selected_directions_are_the_weighted_sums_of_the_selected_centre_operands() -> None:
+    generator = torch.Generator().manual_seed(9)
+    chain = torch.randn(7, 5, generator=generator, dtype=torch.float64)
+    columns = torch.randint(0, 11, (7, 5), generator=generator)
+    center_operand = torch.randn(11, 6, generator=generator, dtype=torch.float64)
+    expected = torch.stack([(chain[row, :, None] * center_operand[columns[row]]).sum(0) for row in range(7)])
+    directions = patch_scoring.selected_directions(chain, columns, center_operand)
+    torch.testing.assert_close(directions, expected, rtol=1e-14, atol=1e-14)
