@@ -211,31 +211,13 @@ class ChunkKernel:
             return self.function(*args)
 
 
-def _native_weight_sums(
-    distances: torch.Tensor, beta: torch.Tensor, slope: torch.Tensor, shift: torch.Tensor
-) -> torch.Tensor | None:
-    return native_kernels.weight_sums(distances, beta, slope, shift, argument_floor(distances.dtype))
-
-
-def _native_sums_and_gradient(
-    distances: torch.Tensor,
-    beta: torch.Tensor,
-    slope: torch.Tensor,
-    shift: torch.Tensor,
-    zero: float,
-    gradient: torch.Tensor,
-) -> torch.Tensor | None:
-    floor = argument_floor(distances.dtype)
-    return native_kernels.weight_sums(distances, beta, slope, shift, floor, zero, gradient)
-
-
-weight_sums = ChunkKernel(_weight_sums, native=_native_weight_sums)
+weight_sums = ChunkKernel(_weight_sums, native=native_kernels.row_sums)
 r"""``weight_sums(distances (R, N), beta (R, 1), slope (R, 1), shift (R, 1)) -> (R, 4)``: row sums
 :math:`[\sum z,\ \sum s,\ \sum z d,\ \sum s d]`, one evaluation of the threshold search. :math:`\sum z - k` is
 its residual and :math:`\sum s` its slope, :math:`\sum z d` the patch score, and :math:`\sum s d / \sum s` the
 weighted mean distance :math:`\bar d` of the backward pass."""
 
-sums_and_gradient = ChunkKernel(_sums_and_gradient, native=_native_sums_and_gradient)
+sums_and_gradient = ChunkKernel(_sums_and_gradient, native=native_kernels.row_sums)
 r"""``sums_and_gradient(distances, beta, slope, shift, zero, gradient (R, N)) -> (R, 4)``: :data:`weight_sums`, and
 the gradient of each row's score by its squared distances per unit of upstream gradient written into ``gradient``,
 in one pass. For :math:`s = \sum_j z_j d_j` with logits :math:`a - b d` the implicit gradient of the soft top-k

@@ -91,7 +91,7 @@ def library() -> ctypes.CDLL | None:
     native.adfa_weight_sums.restype = None
     native.adfa_weight_sums.argtypes = [
         *(pointer, ctypes.c_int64, ctypes.c_int64, pointer, pointer, pointer),
-        *(ctypes.c_float, ctypes.c_float, pointer, pointer, ctypes.c_int),
+        *(ctypes.c_float, pointer, pointer, ctypes.c_int),
     ]
     native.adfa_row_extremes.restype = None
     native.adfa_row_extremes.argtypes = [pointer, ctypes.c_int64, ctypes.c_int64, pointer, pointer, ctypes.c_int]
@@ -113,23 +113,24 @@ def _row_values(column: torch.Tensor, rows: int) -> torch.Tensor:
     return column.expand(rows, 1).reshape(rows).contiguous()
 
 
-def weight_sums(
+def row_sums(
     distances: torch.Tensor,
     beta: torch.Tensor,
     slope: torch.Tensor,
     shift: torch.Tensor,
-    floor: float,
     zero: float = 0.0,
     gradient: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """Row sums ``(R, 4)`` of :data:`~anomalib_adfa.chunk_kernels.weight_sums`; with ``gradient``, also the gradient.
+    """Row sums ``(R, 4)`` in C; with a ``gradient`` buffer ``(R, N)``, also the gradient written into it.
+
+    The same call serves :data:`~anomalib_adfa.chunk_kernels.weight_sums` (without the last two arguments) and
+    :data:`~anomalib_adfa.chunk_kernels.sums_and_gradient`, with the same formulas.
 
     Args:
         distances: Raw distances ``(R, N)``.
         beta: Thresholds ``(R, 1)``.
         slope: Slopes ``(R, 1)``.
         shift: Shifts ``(R, 1)``.
-        floor: Lower bound of the sigmoid's argument (:func:`~anomalib_adfa.chunk_kernels.argument_floor`).
         zero: As in :data:`~anomalib_adfa.chunk_kernels.sums_and_gradient`.
         gradient: ``(R, N)`` buffer for the gradient, or ``None`` for the sums alone.
 
@@ -147,7 +148,7 @@ def weight_sums(
     sums = distances.new_empty((rows, 4))
     native.adfa_weight_sums(
         *(distances.data_ptr(), rows, columns, beta.data_ptr(), slope.data_ptr(), shift.data_ptr()),
-        *(floor, zero, sums.data_ptr(), None if gradient is None else gradient.data_ptr(), torch.get_num_threads()),
+        *(zero, sums.data_ptr(), None if gradient is None else gradient.data_ptr(), torch.get_num_threads()),
     )
     return sums
 

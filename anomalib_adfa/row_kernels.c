@@ -12,7 +12,7 @@
  *
  * Formulas (see chunk_kernels.py): for a row with threshold beta, slope b and shift c, and clamped distances
  * d_j = max(raw_j, 0),
- *     a_j = max(beta - b (d_j - c), floor),  e_j = exp(-a_j),  z_j = 1 / (1 + e_j),  s_j = e_j z_j^2,
+ *     a_j = max(beta - b (d_j - c), ARGUMENT_FLOOR),  e_j = exp(-a_j),  z_j = 1 / (1 + e_j),  s_j = e_j z_j^2,
  * sums [sum z, sum s, sum z d, sum s d], and with a gradient buffer
  *     g_j = z_j - b s_j (d_j - mean),  mean = sum s d / sum s,
  * times 1 / (2 raw_j) when zero > 0 ("euclidean" distances), and 0 where raw_j <= zero.
@@ -24,6 +24,8 @@
 
 #define LOG2_E 1.4426950408889634f
 #define FLOAT_TINY 1.17549435e-38f
+/* log(sqrt(FLOAT_TINY)): the lower bound of the sigmoid's argument (chunk_kernels.argument_floor, float32). */
+#define ARGUMENT_FLOOR -43.66827237527655f
 
 /*
  * 2^x for x <= 64 (the clamp of the argument at log(sqrt(tiny)) keeps x = -a log2(e) below 63.1).
@@ -64,8 +66,8 @@ static inline float exp2_short(float x) {
  * Weights z and slopes s of one row of n raw distances, written to weights and slopes, and the row sums
  * [sum z, sum s, sum z d, sum s d] into sums.
  */
-static void row_weights(const float *raw, int64_t n, float threshold, float b, float c, float floor, float *weights,
-                        float *slopes, float *sums) {
+static void row_weights(const float *raw, int64_t n, float threshold, float b, float c, float *weights, float *slopes,
+                        float *sums) {
     float sum_z = 0.0f, sum_s = 0.0f, sum_zd = 0.0f, sum_sd = 0.0f;
     for (int64_t start = 0; start < n; start += BLOCK) {
         const int64_t end = start + BLOCK < n ? start + BLOCK : n;
@@ -74,7 +76,7 @@ static void row_weights(const float *raw, int64_t n, float threshold, float b, f
         for (int64_t j = start; j < end; ++j) {
             const float d = raw[j] < 0.0f ? 0.0f : raw[j];
             float a = threshold - b * (d - c);
-            a = a < floor ? floor : a;
+            a = a < ARGUMENT_FLOOR ? ARGUMENT_FLOOR : a;
             const float e = exp2_short(-a * LOG2_E);
             const float z = 1.0f / (1.0f + e);
             const float s = e * z * z;
@@ -98,11 +100,11 @@ static void row_weights(const float *raw, int64_t n, float threshold, float b, f
 
 /*
  * Row sums (rows x 4) of a contiguous chunk (rows x n) and, when gradient is not NULL, the gradient (rows x n).
- * beta, slope and shift hold one value per row; floor is the argument's lower bound; threads the OpenMP team.
+ * beta, slope and shift hold one value per row; threads is the size of the OpenMP team.
  * NaN distances give NaN sums and gradients, as in PyTorch.
  */
 void adfa_weight_sums(const float *distances, int64_t rows, int64_t n, const float *beta, const float *slope,
-                      const float *shift, float floor, float zero, float *sums, float *gradient, int threads) {
+                      const float *shift, float zero, float *sums, float *gradient, int threads) {
 #pragma omp parallel num_threads(threads)
     {
         /* A row's weights (in its gradient row when there is one) and slopes, kept in L1 for the gradient. */
@@ -112,7 +114,7 @@ void adfa_weight_sums(const float *distances, int64_t rows, int64_t n, const flo
             const float *raw = distances + r * n;
             float *weights = gradient != NULL ? gradient + r * n : scratch + n;
             const float b = slope[r];
-            row_weights(raw, n, beta[r], b, shift[r], floor, weights, scratch, sums + 4 * r);
+            row_weights(raw, n, beta[r], b, shift[r], weights, scratch, sums + 4 * r);
             if (gradient == NULL) {
                 continue;
             }

@@ -18,19 +18,16 @@ def native() -> None:
         pytest.skip("no C compiler with OpenMP here: the C kernels are not built and PyTorch's kernels run")
 
 
-def floor() -> float:
-    return chunk_kernels.argument_floor(torch.float32)
-
-
 @pytest.mark.usefixtures("native")
 def test_single_weights_are_the_sigmoid_within_float32_rounding() -> None:
     # With one column the sums are the weight z, its slope s = z (1 - z), z d and s d themselves: a check of the
     # C exponential and reciprocal over the arguments the kernels see, from the floor to saturated weights.
-    arguments = torch.linspace(floor() + 1e-3, 40.0, 200_001, dtype=torch.float64).float()
+    floor = chunk_kernels.argument_floor(torch.float32)
+    arguments = torch.linspace(floor + 1e-3, 40.0, 200_001, dtype=torch.float64).float()
     distances = torch.full((arguments.numel(), 1), 2.0)
     beta = arguments.unsqueeze(-1)
     ones = torch.ones_like(beta)
-    sums = native_kernels.weight_sums(distances, beta, ones, 2.0 * ones, floor()).double()
+    sums = native_kernels.row_sums(distances, beta, ones, 2.0 * ones).double()
     exact = beta.double()
     weights = torch.sigmoid(exact)
     slopes = torch.exp(-exact) * weights.square()
@@ -39,6 +36,12 @@ def test_single_weights_are_the_sigmoid_within_float32_rounding() -> None:
     bound = 3e-7 + 7e-8 * exact.abs()
     for value, expected in ((sums[:, :1], weights), (sums[:, 1:2], slopes), (sums[:, 2:3], 2.0 * weights)):
         assert ((value - expected).abs() <= bound * expected).all()
+    # Below the floor the weight stays at sigmoid(floor), as in chunk_kernels (the C file has its own constant).
+    below = torch.tensor([[floor - 1.0], [-1e4]])
+    far = native_kernels.row_sums(distances[:2], below, ones[:2], 2.0 * ones[:2])
+    torch.testing.assert_close(
+        far[:, 0], torch.sigmoid(torch.tensor(floor)).expand(2), rtol=3e-7 + 7e-8 * abs(floor), atol=0
+    )
 
 
 @pytest.mark.usefixtures("native")
@@ -84,10 +87,10 @@ def test_nan_distances_give_nan_sums_and_gradients(chunk_inputs: ChunkInputs) ->
 
 def test_other_tensors_are_left_to_pytorch(chunk_inputs: ChunkInputs) -> None:
     distances, beta, slope, shift = chunk_inputs(3, 10, torch.float64, seed=7)
-    assert native_kernels.weight_sums(distances, beta, slope, shift, floor()) is None
+    assert native_kernels.row_sums(distances, beta, slope, shift) is None
     assert native_kernels.row_extremes(distances, shift) is None
     single = [tensor.float() for tensor in (distances, beta, slope, shift)]
-    assert native_kernels.weight_sums(single[0].unsqueeze(0), *single[1:], floor()) is None
+    assert native_kernels.row_sums(single[0].unsqueeze(0), *single[1:]) is None
     assert native_kernels.row_extremes(single[0][:, :0], single[3]) is None
     traced = torch.jit.trace(lambda d, c: chunk_kernels.row_extremes(d, c), (single[0], single[3]), check_trace=False)
     assert "row_extremes" not in str(traced.graph)  # traced graphs hold ordinary operators, not a foreign call
