@@ -1,12 +1,12 @@
-"""The soft top-k's row sums and gradient pass in C (``row_kernels.c``), built with the system's C compiler.
+"""The soft top-k's row sums, gradient pass and row extremes in C (``row_kernels.c``), built by the system's compiler.
 
-:data:`~anomalib_adfa.chunk_kernels.weight_sums` and :data:`~anomalib_adfa.chunk_kernels.sums_and_gradient` run
-here for contiguous float32 CPU chunks: about twice as fast as Inductor's code for the same formulas (the reason
-is in ``row_kernels.c``). The library is compiled once per machine with ``-O3 -march=native`` and OpenMP (the
-thread team of PyTorch's own OpenMP runtime, with its thread count), and kept in the user cache directory under
-a name that hashes the source, the compiler and the CPU's flags; a compiler that is missing or fails leaves the
-compiled PyTorch kernels in charge (one warning). ``ANOMALIB_ADFA_NATIVE=0`` switches this off, and the
-compiler is ``$CC`` if set, else ``cc``.
+:data:`~anomalib_adfa.chunk_kernels.weight_sums`, :data:`~anomalib_adfa.chunk_kernels.sums_and_gradient` and
+:data:`~anomalib_adfa.chunk_kernels.row_extremes` run here for float32 CPU chunks: the first two about twice as
+fast as Inductor's code for the same formulas (the reason is in ``row_kernels.c``). The library is compiled once
+per machine with ``-O3 -march=native`` and OpenMP (the thread team of PyTorch's own OpenMP runtime, with its
+thread count), and kept in the user cache directory under a name that hashes the source, the compiler, the CPU's
+flags and the PyTorch install; a compiler that is missing or fails leaves the compiled PyTorch kernels in charge
+(one warning). ``ANOMALIB_ADFA_NATIVE=0`` switches this off, and the compiler is ``$CC`` if set, else ``cc``.
 """
 
 from __future__ import annotations
@@ -70,7 +70,9 @@ def library() -> ctypes.CDLL | None:
     try:
         version = subprocess.run([compiler, "--version"], check=True, capture_output=True, text=True, timeout=30)
         key = hashlib.sha256(
-            "\0".join([SOURCE.read_text(), version.stdout, *_FLAGS, _cpu_flags(), torch.__version__]).encode()
+            "\0".join(
+                [SOURCE.read_text(), version.stdout, *_FLAGS, _cpu_flags(), torch.__version__, torch.__file__]
+            ).encode()
         ).hexdigest()[:16]
         folder = Path(platformdirs.user_cache_dir("anomalib-adfa")) / "native"
         folder.mkdir(parents=True, exist_ok=True)
