@@ -232,7 +232,7 @@ class SweepMemory(threading.local):
         """Return a flat tensor of ``numel`` elements of ``like``'s dtype (its contents undefined)."""
         buffer = self.buffer
         if buffer is None or buffer.numel() < numel or buffer.dtype != like.dtype:
-            self.buffer = buffer = None  # the old one is freed before its successor is allocated
+            self.buffer = None  # the old one is freed before its successor is allocated
             self.buffer = buffer = like.new_empty(numel)
         return buffer[:numel]
 
@@ -506,7 +506,7 @@ def _score_forward(
         # Copies, not views (a view is what reshape gives for one image per sweep): the compiled kernels would
         # compile a second graph for view arguments, whose guards cover their base.
         chunk, rows = distances[index], _Search(*(field[:, a:b].reshape(-1, 1).clone() for field in search))
-        distances[index] = None  # freed as soon as its chunk is done
+        distances[index] = None  # freed as soon as its chunk is done, unless it lies in sweep_memory
         gradient = None
         if with_gradient:
             gradient = part_of_memory(batch * num_patches, chunk.shape[0])

@@ -1,9 +1,10 @@
 /*
- * The two heaviest passes of ADFA's soft top-k over a chunk of the patch-by-centre distance block, written
- * out for the CPU (anomalib_adfa/native_kernels.py builds and loads this file; anomalib_adfa/chunk_kernels.py
- * holds the same passes in PyTorch, and the tests check that both agree).
+ * Three passes of ADFA's soft top-k over a chunk of the patch-by-centre distance block, written out for the
+ * CPU: the row sums with or without the gradient (adfa_weight_sums) and the row extremes (adfa_row_extremes).
+ * anomalib_adfa/native_kernels.py builds and loads this file; anomalib_adfa/chunk_kernels.py holds the same
+ * passes in PyTorch, and the tests check that both agree.
  *
- * Why not Inductor's code for these two: for sums_and_gradient it fuses the row sums and the gradient into one
+ * Why not Inductor's code for the row sums: for sums_and_gradient it fuses the row sums and the gradient into one
  * loop per row but evaluates the weights twice (an exponential and a division per element each time, since it
  * keeps no row-sized intermediate), and its vectorised exp2 is a general-purpose one. Here the weights of a
  * row are evaluated once, kept in the row of the gradient and in a per-thread row of slopes (both stay in L1),
@@ -125,7 +126,7 @@ void adfa_weight_sums(const float *distances, int64_t rows, int64_t n, const flo
             for (int64_t j = 0; j < n; ++j) {
                 const float d = raw[j] < 0.0f ? 0.0f : raw[j];
                 float value = half * (weights[j] - b * scratch[j] * (d - mean));
-                /* "euclidean": d = sqrt(q + eps), so dd/dq = 1 / (2 d); the division only runs in that mode. */
+                /* "euclidean": d = sqrt(q + eps), so dd/dq = 1 / (2 d). */
                 value = zero > 0.0f ? value / raw[j] : value;
                 weights[j] = raw[j] > zero ? value : 0.0f;
             }
