@@ -27,6 +27,8 @@ from lightning.pytorch import LightningModule, Trainer
 from torch.nn import functional as F  # noqa: N812
 from torchvision.transforms.v2 import CenterCrop, Compose, Normalize, Resize, Transform
 
+from anomalib_adfa.pre_processing import exportable_transform
+
 MaskResolution = Literal["input", "original"]
 MASK_RESOLUTIONS: tuple[str, ...] = ("input", "original")
 
@@ -94,9 +96,15 @@ class FramedPreProcessor(PreProcessor):
             msg = f"mask_resolution must be one of {MASK_RESOLUTIONS}, got {mask_resolution!r}"
             raise ValueError(msg)
         super().__init__(transform=transform)
+        self.export_transform = exportable_transform(transform)
         self.mask_resolution = mask_resolution
         self._resized, self._crop = transform_geometry(transform) if mask_resolution == "original" else (None, None)
         self._original: torch.Tensor | None = None
+
+    def load_checkpoint_config(self, config: dict[str, Any]) -> None:
+        """Restore the checkpoint's transform, exported with its antialiasing (:mod:`~anomalib_adfa.pre_processing`)."""
+        super().load_checkpoint_config(config)
+        self.export_transform = exportable_transform(self.transform)
 
     def _start(self, batch: Batch) -> None:
         _check_mask_size(batch)

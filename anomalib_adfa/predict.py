@@ -35,7 +35,8 @@ from anomalib_adfa.data.layout import find_image_files
 
 CSV_COLUMNS = ("image_path", "pred_score", "pred_label")
 EXPORT_EXTRA = 'pip install "anomalib-adfa[export]"'
-# OpenVINO's CPU plugin computes in bfloat16 on CPUs that support it unless told otherwise.
+# OpenVINO's CPU plugin computes in bfloat16 on CPUs that support it, and its GPU plugin in float16, unless told
+# otherwise; every device is asked for float32, and one that refuses is an error.
 _OPENVINO_F32 = {"INFERENCE_PRECISION_HINT": "f32"}
 _OVERLAY_ALPHA = 0.45
 
@@ -91,8 +92,16 @@ class ExportedModel:
         except ImportError as error:
             msg = f"running OpenVINO models needs openvino: {EXPORT_EXTRA}"
             raise ImportError(msg) from error
-        config = _OPENVINO_F32 if device.upper() == "CPU" else {}
-        compiled = openvino.Core().compile_model(str(self.path), device, config)
+        try:
+            compiled = openvino.Core().compile_model(str(self.path), device, _OPENVINO_F32)
+        except RuntimeError as error:
+            # The thresholds were fitted on float32 scores; a device that cannot run float32 may change decisions.
+            first_line = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+            msg = (
+                f"OpenVINO device {device!r} cannot run '{self.path}' in float32 ({first_line}); ADFA's thresholds "
+                "hold for float32 scores only: use --device CPU (or GPU)"
+            )
+            raise ValueError(msg) from error
         self.output_names = [next(iter(port.names)) for port in compiled.outputs]
 
         def run(batch: np.ndarray) -> dict[str, np.ndarray]:
