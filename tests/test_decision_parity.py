@@ -56,18 +56,25 @@ def _engine(root: Path, **kwargs: object) -> Engine:
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """``(training normals, images to score)``: real images at their own sizes, else resized phantoms."""
+    """``(training normals, images to score)``: real images at their own sizes, else resized phantoms.
+
+    ``abnormal/`` beside the training normals holds four abnormal images, which ``MedicalFolder`` needs for its
+    test split (not used here).
+    """
     root = tmp_path_factory.mktemp("parity")
-    train, score = root / "train", root / "score"
-    train.mkdir()
-    score.mkdir()
+    train, score, abnormal = root / "train", root / "score", root / "abnormal"
+    for folder in (train, score, abnormal):
+        folder.mkdir()
     brainmri = SHARED_DATA / "brain_tumor_dataset"
     busi = SHARED_DATA / "busi_sample" / "Dataset_BUSI_with_GT"
     if brainmri.is_dir() and busi.is_dir():
         normals = sorted((brainmri / "no").iterdir())
         for path in normals[:16]:
             shutil.copy(path, train / path.name)
-        picked = [*normals[-8:], *sorted((brainmri / "yes").iterdir())[:12]]
+        tumours = sorted((brainmri / "yes").iterdir())
+        for path in tumours[-4:]:
+            shutil.copy(path, abnormal / path.name)
+        picked = [*normals[-8:], *tumours[:12]]
         picked += [path for path in sorted(busi.rglob("*.png")) if "_mask" not in path.name][::3]
         for path in picked:
             shutil.copy(path, score / f"{path.parent.name}_{path.name}")
@@ -76,7 +83,10 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     for path in sorted((phantoms.root / NORMAL_DIR).iterdir()):
         shutil.copy(path, train / path.name)
     sizes = [(90, 70), (64, 64), (130, 150), (101, 77), (200, 180), (48, 60)]
-    tests = sorted((phantoms.root / NORMAL_TEST_DIR).iterdir()) + sorted((phantoms.root / ABNORMAL_DIR).iterdir())
+    lesions = sorted((phantoms.root / ABNORMAL_DIR).iterdir())
+    for path in lesions[:4]:
+        shutil.copy(path, abnormal / path.name)
+    tests = sorted((phantoms.root / NORMAL_TEST_DIR).iterdir()) + lesions
     for index, path in enumerate(tests):
         with Image.open(path) as image:
             image.resize(sizes[index % len(sizes)], Image.Resampling.BICUBIC).save(score / f"{index}_{path.name}")
@@ -90,7 +100,9 @@ def exported(images: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
     work = tmp_path_factory.mktemp("exports")
     torch.manual_seed(0)
     model = Adfa(**SMALL)
-    datamodule = MedicalFolder(root=train.parent, normal_dir=train.name, train_batch_size=8, eval_batch_size=8)
+    datamodule = MedicalFolder(
+        root=train.parent, normal_dir=train.name, abnormal_dir="abnormal", train_batch_size=8, eval_batch_size=8
+    )
     _engine(work / "fit", max_epochs=1).fit(model, datamodule=datamodule)
     model.eval()
     engine = _engine(work / "export")

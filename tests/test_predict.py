@@ -148,8 +148,8 @@ def test_exported_model_scores_dicom_in_a_fresh_process_like_torch(
 ) -> None:
     from_dicom = _run_predictor(exported[runtime], [phantom_dicoms / "test"], tmp_path / "dicom")
     from_png = _run_predictor(exported[runtime], [phantom_pngs.root / "test"], tmp_path / "png")
-    # The exported graph is the model's forward (anomalib exports its resize without antialiasing), not the
-    # datamodule path of engine.predict, which resizes with antialiasing first.
+    # The exported graph is the model's forward, whose exported resize is the antialiased one of the datamodule path
+    # (tests/test_decision_parity.py compares the two paths).
     with torch.no_grad():
         expected = {
             _key(png, phantom_pngs.root): (output.pred_score.item(), output.pred_label.item())
