@@ -95,13 +95,19 @@ class ExportedModel:
         try:
             compiled = openvino.Core().compile_model(str(self.path), device, _OPENVINO_F32)
         except RuntimeError as error:
-            # The thresholds were fitted on float32 scores; a device that cannot run float32 may change decisions.
-            first_line = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+            lines = str(error).strip().splitlines()
             msg = (
-                f"OpenVINO device {device!r} cannot run '{self.path}' in float32 ({first_line}); ADFA's thresholds "
-                "hold for float32 scores only: use --device CPU (or GPU)"
+                f"OpenVINO cannot run '{self.path}' on device {device!r} in float32 ({lines[-1] if lines else error}); "
+                "ADFA's thresholds hold for float32 scores: use --device CPU"
             )
             raise ValueError(msg) from error
+        try:
+            precision = compiled.get_property("INFERENCE_PRECISION_HINT")
+        except RuntimeError:  # AUTO and MULTI do not report it; they pass the request on to the device they pick
+            precision = None
+        if precision is not None and precision != openvino.Type.f32:
+            msg = f"OpenVINO device {device!r} runs '{self.path}' in {precision}, not float32: use --device CPU"
+            raise ValueError(msg)
         self.output_names = [next(iter(port.names)) for port in compiled.outputs]
 
         def run(batch: np.ndarray) -> dict[str, np.ndarray]:
