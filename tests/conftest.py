@@ -28,6 +28,24 @@ def shared_dataset(relative: str) -> Path:
     return path
 
 
+BFLOAT16_SCORE_BOUND = 0.05
+"""Largest normalised-score change bfloat16 OpenVINO inference may make (README: "One image, one decision")."""
+
+
+@pytest.fixture(scope="session")
+def bfloat16_bound() -> float:
+    """:data:`BFLOAT16_SCORE_BOUND`; an image farther than it from the threshold (0.5) must keep its label."""
+    return BFLOAT16_SCORE_BOUND
+
+
+@pytest.fixture(scope="session")
+def openvino_default_is_bfloat16() -> bool:
+    """Whether OpenVINO's CPU plugin computes in bfloat16 by default here (a CPU with native bfloat16)."""
+    import openvino as ov
+
+    return ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT") == ov.Type.bf16
+
+
 @pytest.fixture(scope="session")
 def brainmri_root() -> Path:
     """Root of the real BrainMRI download (``no/``, ``yes/``)."""
