@@ -52,13 +52,13 @@ def test_bootstrap_interval_brackets_the_auroc() -> None:
 
 def test_operating_point_uses_the_validation_quantile_and_brackets_the_rates() -> None:
     rng = np.random.default_rng(0)
-    val_normal = np.arange(1.0, 21.0)  # 0.9 quantile (rank 18) is 18
+    val_normal = np.arange(1.0, 21.0)  # conformal rank ceil(21 * 0.9) = 19: the threshold is 19
     labels = np.r_[np.zeros(200, dtype=int), np.ones(100, dtype=int)]
     scores = np.r_[rng.uniform(0, 20, 200), rng.uniform(15, 40, 100)]
     point = operating_point(val_normal, labels, scores, 0.9, num_samples=500)
-    assert point.threshold == 18.0
-    assert point.specificity == pytest.approx((scores[:200] <= 18).mean())
-    assert point.sensitivity == pytest.approx((scores[200:] > 18).mean())
+    assert point.threshold == 19.0
+    assert point.specificity == pytest.approx((scores[:200] <= 19).mean())
+    assert point.sensitivity == pytest.approx((scores[200:] > 19).mean())
     assert point.specificity_ci.low < point.specificity < point.specificity_ci.high
     assert point.sensitivity_ci.low < point.sensitivity < point.sensitivity_ci.high
 
