@@ -98,7 +98,7 @@ class _RawPredictions(Callback):
                 gt_label=outputs.gt_label.detach().reshape(-1).cpu().clone(),
                 pred_score=scores,
                 anomaly_map=maps,
-                image_path=list(outputs.image_path),
+                image_path=list(outputs.image_path) if outputs.image_path is not None else [""] * scores.numel(),
             )
         )
 
@@ -132,6 +132,7 @@ class CrossFitThreshold(Callback):
         self.scores = torch.empty(0, dtype=torch.float64)
         self.paths: list[str] = []
         self.fold_of: list[int] = []
+        self._limit_val_batches: int | float | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Check the run can be cross-fitted, and switch validation off for the fit (see the module docstring)."""
@@ -161,7 +162,14 @@ class CrossFitThreshold(Callback):
             )
             raise ValueError(msg)
         check_fold_count(self.folds, self._normal_count(datamodule.train_data))
+        self._limit_val_batches = trainer.limit_val_batches
         trainer.limit_val_batches = 0
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Give validation back its setting, so a later ``validate`` behaves as without this callback."""
+        del pl_module
+        if self._limit_val_batches is not None:
+            trainer.limit_val_batches = self._limit_val_batches
 
     @staticmethod
     def _normal_count(dataset: AnomalibDataset) -> int:
@@ -277,9 +285,9 @@ class CrossFitThreshold(Callback):
             f"threshold at rank {rank} of {count} (target specificity {target}), raw "
             f"{float(post_processor.image_threshold):.6g}; "
             f"out-of-fold specificity {cleared}/{count} = {cleared / count:.3f} (95% Clopper-Pearson "
-            f"[{interval.low:.3f}, {interval.high:.3f}]); cross-conformal: a new normal image is flagged with "
-            f"probability about {1 - target:.3f}, at worst about {2 * (1 - target):.3f} (the split-conformal bound "
-            f"{false_alarm_bound(count, target):.3f} holds only for a held-out split)"
+            f"[{interval.low:.3f}, {interval.high:.3f}]); cross-conformal guarantee: a new normal image is flagged "
+            f"with probability at most about {2 * (1 - target):.3f} (2 alpha; the split-conformal bound "
+            f"{false_alarm_bound(count, target):.3f} applies only to a held-out split)"
         )
         logger.info(message)
         print(message)

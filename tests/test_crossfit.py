@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from anomalib.cli import AnomalibCLI
 from anomalib.engine import Engine
 from anomalib.models import Padim
 from anomalib.post_processing import PostProcessor
@@ -212,3 +213,17 @@ def test_a_post_processor_without_a_normal_threshold_is_refused(phantoms: Path, 
     model.post_processor = PostProcessor()
     with pytest.raises(ValueError, match=r"--model.post_processor anomalib_adfa\.SpecificityPostProcessor"):
         _engine(tmp_path, [CrossFitThreshold()]).fit(model, datamodule=_datamodule(phantoms))
+
+
+def test_the_cli_takes_the_protocol_and_the_callback(tmp_path: Path) -> None:
+    args = [
+        *("fit", "--model", "Padim", "--model.backbone", "resnet18", "--model.pre_trained", "false"),
+        *("--data", "anomalib_adfa.data.BrainMRI", "--data.root", str(tmp_path), "--data.val_split_mode", "crossfit"),
+        *("--trainer.callbacks+=anomalib_adfa.callbacks.CrossFitThreshold", "--trainer.callbacks.folds", "3"),
+        *("--default_root_dir", str(tmp_path / "run")),
+    ]
+    cli = AnomalibCLI(args=args, run=False)
+    assert cli.datamodule.val_split_mode == "crossfit"
+    callbacks = cli.config_init["fit"]["trainer"]["callbacks"]
+    (callback,) = [c for c in callbacks if isinstance(c, CrossFitThreshold)]
+    assert callback.folds == 3
