@@ -39,6 +39,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from anomalib.data import ImageBatch
 from anomalib.data.datasets.base.image import AnomalibDataset
@@ -55,6 +56,10 @@ CROSSFIT_SCORES_FILE = "crossfit_scores.csv"
 """Out-of-fold raw scores, written to the run folder: ``image_path, fold, pred_score``."""
 
 _OPTION = "--trainer.callbacks.folds"
+
+# Logged names of LabelFreeCheckpoint's quantities (anomalib_adfa.callbacks.SELECTION_QUANTITIES; not imported, since
+# that module imports this one).
+_VALIDATION_QUANTITIES = ("val_synthetic_AUROC", "val_synthetic_separation", "val_normal_score")
 
 
 def check_fold_count(folds: int, normals: int | None = None) -> int:
@@ -111,8 +116,8 @@ class CrossFitThreshold(Callback):
     Args:
         folds: ``K``, the number of fold models (default 5), from 2 to the number of normal training images.
         seed: Seed of the fold split and of each fold model's training (fold ``k`` runs under ``seed + k``, in a
-            fork of the global generators, so the deployed model trains exactly as without this callback).
-            Default: the datamodule's ``seed`` (0 when it has none).
+            fork of torch's and numpy's global CPU generators, so the fold models do not shift the deployed
+            model's random draws). Default: the datamodule's ``seed`` (0 when it has none).
 
     Attributes:
         scores: ``(n,)`` raw out-of-fold image scores after fitting, in the order of :attr:`paths`.
@@ -161,6 +166,15 @@ class CrossFitThreshold(Callback):
                 "datamodules) or none (anomalib's)"
             )
             raise ValueError(msg)
+        selectors = [
+            type(c).__name__ for c in trainer.callbacks if getattr(c, "monitor", None) in _VALIDATION_QUANTITIES
+        ]
+        if selectors:
+            msg = (
+                f"{selectors[0]} selects epochs on a validation set, which CrossFitThreshold switches off: drop it "
+                "(the deployed model keeps its last epoch) or use val_split_mode synthetic without CrossFitThreshold"
+            )
+            raise ValueError(msg)
         check_fold_count(self.folds, self._normal_count(datamodule.train_data))
         self._limit_val_batches = trainer.limit_val_batches
         trainer.limit_val_batches = 0
@@ -180,8 +194,9 @@ class CrossFitThreshold(Callback):
         datamodule = trainer.datamodule
         seed = self.seed if self.seed is not None else int(getattr(datamodule, "seed", None) or 0)
         train_data: AnomalibDataset = datamodule.train_data
-        normal = train_data.samples.index[train_data.samples.label_index == 0].tolist()
-        keys = {str(train_data.samples.image_path[index]): index for index in normal}
+        samples = train_data.samples
+        # Row positions, as ``subsample`` takes them.
+        keys = {str(samples.image_path.iloc[row]): row for row in np.flatnonzero(samples.label_index.to_numpy() == 0)}
         folds = seeded_folds(keys, check_fold_count(self.folds, len(keys)), seed)
         untrained = _detached_copy(pl_module)
         batches: list[ImageBatch] = []

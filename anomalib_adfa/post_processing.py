@@ -33,11 +33,13 @@ Operating point
 :class:`SpecificityPostProcessor` (ADFA's default) keeps that normalisation but replaces anomalib's F1
 threshold, which needs anomalous validation images and is test-calibrated under ``same_as_test``, by a
 threshold fitted on the validation set's *normal* images only (:class:`NormalQuantileThreshold`): a
-``pred_label`` of 1 then means "scores above the ``target_specificity`` quantile of unseen normal
-images". Everything that applies anomalib's post-processor inherits it: ``anomalib test``/``predict``,
-:class:`~anomalib_adfa.callbacks.ScoreCSVWriter` and the ONNX/OpenVINO exports (anomalib bakes the
-post-processor's buffers into the exported graph). Its threshold is the quantile moved into the gap above it
-(``gap_side = "above"``), which labels every validation image as the quantile does.
+``pred_label`` of 1 then means "scores above the normal score of conformal rank ``ceil((n + 1) q)`` among ``n``
+unseen normal images", which flags a new normal image with probability at most ``1 - q`` (split conformal; see
+:mod:`anomalib_adfa.conformal` for what each validation protocol guarantees). Everything that applies
+anomalib's post-processor inherits it: ``anomalib test``/``predict``, :class:`~anomalib_adfa.callbacks.ScoreCSVWriter`
+and the ONNX/OpenVINO exports (anomalib bakes the post-processor's buffers into the exported graph). Its threshold
+is that score moved into the gap above it (``gap_side = "above"``), which labels every validation image as the score
+itself does.
 """
 
 from __future__ import annotations
@@ -260,15 +262,15 @@ class SpecificityPostProcessor(RankPreservingPostProcessor):
       and the next higher validation score (:meth:`RankPreservingPostProcessor.threshold_in_gap`, side
       ``"above"``): every validation image keeps the label ``score > t`` gives it, and an exported model's
       last-bit differences cannot flip an image sitting on the threshold;
-    - pixel threshold (``pixel_threshold``, raw anomaly-map scale): the same quantile over every pixel of
+    - pixel threshold (``pixel_threshold``, raw anomaly-map scale): the same rank rule over every pixel of
       the ``anomaly_map`` of those normal images. No mask is used, so it is label-free too;
     - normalisation range (``image_min``/``image_max``, ``pixel_min``/``pixel_max``): anomalib's, over all
       validation images (including synthetic anomalies).
 
     Output: normalised scores ``sigmoid(4 (s - t) / (max - min))`` (0.5 at the threshold, same ranking as
     the raw scores), ``pred_label = pred_score > 0.5`` (i.e. raw score ``> image_threshold``) and
-    ``pred_mask = anomaly_map > 0.5`` (raw map ``> pixel_threshold``). A score equal to the quantile is
-    normal. ``normalized_image_threshold``/``normalized_pixel_threshold`` are 0.5 (anomalib's
+    ``pred_mask = anomaly_map > 0.5`` (raw map ``> pixel_threshold``). A score equal to the chosen
+    normal score is normal. ``normalized_image_threshold``/``normalized_pixel_threshold`` are 0.5 (anomalib's
     ``1 - sensitivity``; leave ``image_sensitivity``/``pixel_sensitivity`` at 0.5 to keep the target).
     After fitting, ``image_threshold_stats``/``pixel_threshold_stats`` hold the number of normal
     validation images (or pixels) ``n``, the specificity achieved on them (``>= k / n``) and where they came from;

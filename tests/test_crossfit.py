@@ -21,8 +21,8 @@ from anomalib.post_processing import PostProcessor
 
 from anomalib_adfa import Adfa, SpecificityPostProcessor
 from anomalib_adfa.backbones import LITE0_BACKBONE, efficientnet_lite0_weights
-from anomalib_adfa.callbacks import CrossFitThreshold
-from anomalib_adfa.crossfit import CROSSFIT_SCORES_FILE
+from anomalib_adfa.callbacks import SELECTION_QUANTITIES, CrossFitThreshold, LabelFreeCheckpoint
+from anomalib_adfa.crossfit import _VALIDATION_QUANTITIES, CROSSFIT_SCORES_FILE
 from anomalib_adfa.data import MedicalFolder
 from anomalib_adfa.data.split import seeded_folds
 from anomalib_adfa.post_processing import RankPreservingPostProcessor
@@ -101,7 +101,7 @@ def crossfitted(request: pytest.FixtureRequest, phantoms: Path, tmp_path_factory
 
     def spy(self, fold_model, trainer, dataset, train_rows, held_out_rows):
         paths = dataset.samples.image_path
-        seen.append(({paths[row] for row in train_rows}, {paths[row] for row in held_out_rows}))
+        seen.append(({paths.iloc[row] for row in train_rows}, {paths.iloc[row] for row in held_out_rows}))
         return original(self, fold_model, trainer, dataset, train_rows, held_out_rows)
 
     patch = pytest.MonkeyPatch()
@@ -227,3 +227,10 @@ def test_the_cli_takes_the_protocol_and_the_callback(tmp_path: Path) -> None:
     callbacks = cli.config_init["fit"]["trainer"]["callbacks"]
     (callback,) = [c for c in callbacks if isinstance(c, CrossFitThreshold)]
     assert callback.folds == 3
+
+
+def test_validation_based_epoch_selection_is_refused(phantoms: Path, tmp_path: Path) -> None:
+    assert set(_VALIDATION_QUANTITIES) == {monitor for monitor, _ in SELECTION_QUANTITIES.values()}
+    callbacks = [CrossFitThreshold(), LabelFreeCheckpoint(quantity="normal_score")]
+    with pytest.raises(ValueError, match="LabelFreeCheckpoint selects epochs on a validation set"):
+        _engine(tmp_path, callbacks).fit(_padim(), datamodule=_datamodule(phantoms))
