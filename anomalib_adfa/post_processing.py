@@ -252,6 +252,15 @@ class NormalQuantileThreshold(AnomalibMetric, _NormalQuantileThreshold):  # type
     """:class:`_NormalQuantileThreshold` reading its inputs from anomalib batches (``fields`` = preds, labels)."""
 
 
+_CALIBRATION_SOURCES = {
+    "from_train": "held-out training normals (from_train)",
+    "synthetic": "held-out training normals (synthetic)",
+    "same_as_test": "test normals (same_as_test: test-calibrated)",
+    "from_test": "test normals (from_test: test-calibrated)",
+}
+"""Where the normals behind a threshold come from, by the datamodule's ``val_split_mode``."""
+
+
 class SpecificityPostProcessor(RankPreservingPostProcessor):
     """Operating points fixed on validation normals: thresholds at a target specificity, rank-preserving scores.
 
@@ -323,7 +332,8 @@ class SpecificityPostProcessor(RankPreservingPostProcessor):
         fit_image, fit_pixel = image_metric.update_called, pixel_metric.update_called
         super().on_validation_epoch_end(trainer, pl_module)
         mode = getattr(getattr(trainer, "datamodule", None), "val_split_mode", None)
-        calibration = "validation normals" + (f" ({getattr(mode, 'value', mode)})" if mode is not None else "")
+        mode = getattr(mode, "value", mode)
+        calibration = _CALIBRATION_SOURCES.get(mode, "validation normals" + (f" ({mode})" if mode else ""))
         for fitted, metric, name in ((fit_image, image_metric, "image"), (fit_pixel, pixel_metric, "pixel")):
             if fitted and self.enable_thresholding:
                 stats = {
