@@ -88,9 +88,9 @@ class OperatingPointSummary:
         ]
         if not math.isnan(self.target_specificity):
             source = f" ({self.calibration})" if self.calibration else ""
+            count = f"n = {self.calibration_normals}" if self.calibration_normals else "n (not recorded)"
             lines.append(
-                f"  threshold set at target specificity {self.target_specificity:g} on n = "
-                f"{self.calibration_normals} normal images{source}"
+                f"  threshold set at target specificity {self.target_specificity:g} on {count} normal images{source}"
             )
         lines += [
             f"  test sensitivity {self.sensitivity:.3f} ({self.flagged}/{self.abnormal} abnormal flagged), 95% CI "

@@ -52,6 +52,10 @@ def test_an_unfitted_post_processor_reports_no_threshold() -> None:
     assert math.isnan(summary.threshold_raw)
     assert math.isnan(summary.target_specificity)
     assert len(summary.lines()) == 4  # no target line
+    unrecorded = summarise(
+        SpecificityPostProcessor(), tp=1, fp=0, tn=1, fn=0
+    )  # e.g. a checkpoint from before n was saved
+    assert "on n (not recorded) normal images" in unrecorded.lines()[1]
 
 
 def test_too_few_normals_behind_the_threshold_warn(caplog: pytest.LogCaptureFixture) -> None:
