@@ -304,7 +304,6 @@ class CrossFitThreshold(Callback):
             f"with probability at most about {2 * (1 - target):.3f} (2 alpha; the split-conformal bound "
             f"{false_alarm_bound(count, target):.3f} applies only to a held-out split)"
         )
-        logger.info(message)
         print(message)
         if trainer.is_global_zero:
             folder = Path(trainer.default_root_dir)

@@ -174,7 +174,6 @@ class OperatingPointEvaluator(Evaluator):
             tp, fp, tn, fn, _ = (int(value) for value in self.decisions.compute())  # synchronised across devices
             self.summary = summarise(getattr(pl_module, "post_processor", None), tp, fp, tn, fn)
             text = "\n".join(self.summary.lines())
-            logger.info(text)
             if trainer.is_global_zero:
                 print(text)
             for name, value in self.summary.metrics().items():
