@@ -21,6 +21,12 @@ needs no real anomaly (the AUROC of held-out normals against synthetic anomalies
     anomalib train --model Adfa ... --data.val_split_mode synthetic
         --trainer.callbacks+=anomalib_adfa.callbacks.LabelFreeCheckpoint
         [--trainer.callbacks.quantity normal_score] --trainer.check_val_every_n_epoch 1
+
+:class:`~anomalib_adfa.crossfit.CrossFitThreshold` (defined in :mod:`anomalib_adfa.crossfit`, importable from here)
+trains the model on every normal and sets its threshold on out-of-fold scores::
+
+    anomalib train --model Adfa ... --data.val_split_mode crossfit
+        --trainer.callbacks+=anomalib_adfa.callbacks.CrossFitThreshold [--trainer.callbacks.folds 5]
 """
 
 from __future__ import annotations
@@ -39,8 +45,12 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch.nn import functional as F  # noqa: N812
 from torchmetrics.functional.classification import binary_auroc
 
+from anomalib_adfa.crossfit import CrossFitThreshold
 from anomalib_adfa.mask_frame import crop_box, to_image_frame, transform_geometry
+from anomalib_adfa.operating_point import thresholds
 from anomalib_adfa.pixel_metrics import threshold_label
+
+__all__ = ["CrossFitThreshold", "EvaluationRecorder", "LabelFreeCheckpoint", "ScoreCSVWriter"]
 
 CSV_COLUMNS = ("image_path", "pred_score", "pred_label")
 
@@ -397,10 +407,16 @@ def _run_summary(trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]
         value = getattr(post_processor, name, None)
         return float(value) if isinstance(value, torch.Tensor) and value.numel() == 1 else None
 
+    normalized, _ = thresholds(post_processor)
+    stats = getattr(post_processor, "image_threshold_stats", None) or {}
     return {
         "model": type(pl_module).__name__,
         "dataset": getattr(datamodule, "name", None) or type(datamodule).__name__,
         "image_threshold": raw("image_threshold"),
+        "image_threshold_normalized": normalized,
+        "target_specificity": getattr(post_processor, "target_specificity", None),
+        "threshold_normals": stats.get("normal_count"),
+        "threshold_calibration": stats.get("calibration"),
         "image_threshold_source": threshold_label(post_processor, mode, level="image"),
         "pixel_threshold": raw("pixel_threshold"),
         "pixel_threshold_source": threshold_label(post_processor, mode, level="pixel"),

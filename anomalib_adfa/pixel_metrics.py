@@ -32,13 +32,15 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from anomalib.metrics import AUPRO, AUROC, Evaluator, F1Score
+from anomalib.metrics import AUPRO, AUROC, F1Score
 from anomalib.metrics.aupro import _AUPRO
 from anomalib.metrics.base import AnomalibMetric
 from anomalib.utils.cv import connected_components_cpu
 from lightning.pytorch import LightningModule, Trainer
 from torchmetrics.classification import BinaryJaccardIndex
 from torchmetrics.functional.classification import binary_auroc
+
+from anomalib_adfa.operating_point import OperatingPointEvaluator
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +79,8 @@ def pixel_test_metrics() -> list[AnomalibMetric]:
     return [AUROC(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False), aupro_metric, dice, iou]
 
 
-class LocalisationEvaluator(Evaluator):
-    """anomalib's evaluator that names the source of the pixel threshold in ``pixel_Dice``/``pixel_IoU``.
+class LocalisationEvaluator(OperatingPointEvaluator):
+    """Evaluator that leads with the operating point and names the pixel threshold's source in ``pixel_Dice``/``IoU``.
 
     At setup it renames them ``pixel_Dice@<label>`` and ``pixel_IoU@<label>`` with
     :func:`threshold_label` of the model's post-processor and the datamodule's validation mode.
@@ -109,7 +111,7 @@ def threshold_label(post_processor: Any, val_split_mode: Any, level: str = "pixe
       to maximise it on, and anomalib then takes the highest validation value: ``val_normal_max``.
 
     The prefix is ``test_`` instead of ``val_`` when the validation set is the test set (``same_as_test``):
-    the threshold was then chosen on test data.
+    the threshold was then chosen on test data; ``oof_`` under ``crossfit`` (out-of-fold training normals).
 
     Args:
         post_processor: The model's post-processor (or ``None``).
@@ -123,7 +125,7 @@ def threshold_label(post_processor: Any, val_split_mode: Any, level: str = "pixe
     if own:
         return str(own)
     mode = getattr(val_split_mode, "value", val_split_mode)
-    split = "test" if mode == "same_as_test" else "val"
+    split = {"same_as_test": "test", "crossfit": "oof"}.get(mode, "val")
     specificity = getattr(post_processor, "target_specificity", None)
     if specificity is not None:
         return f"{split}_spec{round(100 * float(specificity)):d}"

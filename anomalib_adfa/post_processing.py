@@ -33,17 +33,18 @@ Operating point
 :class:`SpecificityPostProcessor` (ADFA's default) keeps that normalisation but replaces anomalib's F1
 threshold, which needs anomalous validation images and is test-calibrated under ``same_as_test``, by a
 threshold fitted on the validation set's *normal* images only (:class:`NormalQuantileThreshold`): a
-``pred_label`` of 1 then means "scores above the ``target_specificity`` quantile of unseen normal
-images". Everything that applies anomalib's post-processor inherits it: ``anomalib test``/``predict``,
-:class:`~anomalib_adfa.callbacks.ScoreCSVWriter` and the ONNX/OpenVINO exports (anomalib bakes the
-post-processor's buffers into the exported graph). Its threshold is the quantile moved into the gap above it
-(``gap_side = "above"``), which labels every validation image as the quantile does.
+``pred_label`` of 1 then means "scores above the normal score of conformal rank ``ceil((n + 1) q)`` among ``n``
+unseen normal images", which flags a new normal image with probability at most ``1 - q`` (split conformal; see
+:mod:`anomalib_adfa.conformal` for what each validation protocol guarantees). Everything that applies
+anomalib's post-processor inherits it: ``anomalib test``/``predict``, :class:`~anomalib_adfa.callbacks.ScoreCSVWriter`
+and the ONNX/OpenVINO exports (anomalib bakes the post-processor's buffers into the exported graph). Its threshold
+is that score moved into the gap above it (``gap_side = "above"``), which labels every validation image as the score
+itself does.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any, Literal
 
 import torch
@@ -53,6 +54,8 @@ from anomalib.metrics.threshold import Threshold
 from anomalib.post_processing import PostProcessor
 from torchmetrics.aggregation import CatMetric
 from torchmetrics.utilities.data import dim_zero_cat
+
+from anomalib_adfa.conformal import check_specificity, conformal_rank, min_calibration_normals
 
 logger = logging.getLogger(__name__)
 
@@ -151,23 +154,16 @@ class RankPreservingPostProcessor(PostProcessor):
         return torch.where(fitted, normalized, preds)
 
 
-def quantile_rank(count: int, target_specificity: float) -> int:
-    """1-based rank ``k = ceil(q n)`` (clipped to ``[1, n]``) of the order statistic used as threshold.
-
-    The tolerance keeps ``q n = 19.000000000000004`` (0.95 * 20 in floating point) at ``k = 19``.
-    """
-    return min(count, max(1, math.ceil(target_specificity * count - 1e-9)))
-
-
 def normal_quantile_threshold(normal_scores: torch.Tensor, target_specificity: float) -> torch.Tensor:
-    """Return the smallest normal score ``t`` with at least ``target_specificity`` of the normal scores ``<= t``.
+    """Return the split-conformal threshold: the normal score of rank ``k = ceil((n + 1) q)``.
 
-    With ``n`` normal scores sorted as ``s_(1) <= ... <= s_(n)``, ``t = s_(k)`` for ``k = ceil(q n)``: the
-    lower empirical ``q``-quantile (the inverse of the empirical CDF, numpy's ``method="inverted_cdf"``).
-    A score is abnormal when it is strictly greater than ``t`` (anomalib's ``pred > threshold``), so a score
-    equal to ``t`` is normal and the specificity on these scores is ``#{s_i <= t} / n >= q``: exactly ``k / n``
-    without ties, more with ties at ``t``. ``k`` is at most ``n``; when ``q > (n - 1) / n`` the threshold is
-    the largest normal score.
+    With ``n`` normal scores sorted as ``s_(1) <= ... <= s_(n)``, ``t = s_(k)`` for ``k`` =
+    :func:`~anomalib_adfa.conformal.conformal_rank` (clipped to ``n``). A score is abnormal when it is strictly
+    greater than ``t`` (anomalib's ``pred > threshold``), so a score equal to ``t`` is normal; a new normal image
+    exchangeable with these is then flagged with probability at most ``1 - k / (n + 1) <= 1 - q`` (see
+    :mod:`anomalib_adfa.conformal`). The specificity on these scores themselves is ``#{s_i <= t} / n >= k / n``.
+    (Before issue 21 this rule took ``k = ceil(q n)``, the lower empirical quantile, which flags a new normal image
+    with probability up to ``1 - q + 1 / (n + 1)``.)
 
     Args:
         normal_scores: Scores of normal images (or pixels), any shape.
@@ -177,7 +173,7 @@ def normal_quantile_threshold(normal_scores: torch.Tensor, target_specificity: f
         The threshold, a 0-d tensor of ``normal_scores``' dtype.
     """
     flat = normal_scores.flatten()
-    return torch.kthvalue(flat.cpu(), quantile_rank(flat.numel(), target_specificity)).values.to(normal_scores.device)
+    return torch.kthvalue(flat.cpu(), conformal_rank(flat.numel(), target_specificity)).values.to(normal_scores.device)
 
 
 class _NormalQuantileThreshold(Threshold):
@@ -232,22 +228,18 @@ class _NormalQuantileThreshold(Threshold):
                 "images (val_split_mode=from_train or synthetic)"
             )
             raise ValueError(msg)
-        images = scores.numel() if self.unit == "image" else None
-        if images is not None and images * (1 - self.target_specificity) < 1:
-            needed = math.ceil(1 / (1 - self.target_specificity) - 1e-9)
+        needed = min_calibration_normals(self.target_specificity)
+        if self.unit == "image" and scores.numel() < needed:
+            images = scores.numel()
             logger.warning(
-                "Only %d normal validation images: specificity can be set in steps of 1/%d = %.3f, so the %s "
-                "threshold is the largest normal validation score (validation specificity 1.0) and test specificity "
-                "is expected near %d/%d = %.3f rather than %s; target %s needs at least %d normal validation images",
+                "Only %d normal images behind the image threshold: the conformal rank ceil((n+1) q) exceeds n for "
+                "target specificity %s, so the threshold is the largest normal score and a new normal image is "
+                "flagged with probability up to 1/(n+1) = %.3f instead of %.3f; the target needs at least %d normal "
+                "images (n >= 1/(1-q) - 1)",
                 images,
-                images,
-                1 / images,
-                self.unit,
-                images,
-                images + 1,
-                images / (images + 1),
                 self.target_specificity,
-                self.target_specificity,
+                1 / (images + 1),
+                1 - self.target_specificity,
                 needed,
             )
         threshold = normal_quantile_threshold(scores, self.target_specificity)
@@ -260,12 +252,13 @@ class NormalQuantileThreshold(AnomalibMetric, _NormalQuantileThreshold):  # type
     """:class:`_NormalQuantileThreshold` reading its inputs from anomalib batches (``fields`` = preds, labels)."""
 
 
-def check_specificity(value: float) -> float:
-    """Return ``value`` as a float, or raise a clear error when it is not strictly between 0 and 1."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
-        msg = f"target_specificity must be a number strictly between 0 and 1 (e.g. 0.95), got {value!r}"
-        raise ValueError(msg)
-    return float(value)
+_CALIBRATION_SOURCES = {
+    "from_train": "held-out training normals (from_train)",
+    "synthetic": "held-out training normals (synthetic)",
+    "same_as_test": "test normals (same_as_test: test-calibrated)",
+    "from_test": "test normals (from_test: test-calibrated)",
+}
+"""Where the normals behind a threshold come from, by the datamodule's ``val_split_mode``."""
 
 
 class SpecificityPostProcessor(RankPreservingPostProcessor):
@@ -278,18 +271,19 @@ class SpecificityPostProcessor(RankPreservingPostProcessor):
       and the next higher validation score (:meth:`RankPreservingPostProcessor.threshold_in_gap`, side
       ``"above"``): every validation image keeps the label ``score > t`` gives it, and an exported model's
       last-bit differences cannot flip an image sitting on the threshold;
-    - pixel threshold (``pixel_threshold``, raw anomaly-map scale): the same quantile over every pixel of
+    - pixel threshold (``pixel_threshold``, raw anomaly-map scale): the same rank rule over every pixel of
       the ``anomaly_map`` of those normal images. No mask is used, so it is label-free too;
     - normalisation range (``image_min``/``image_max``, ``pixel_min``/``pixel_max``): anomalib's, over all
       validation images (including synthetic anomalies).
 
     Output: normalised scores ``sigmoid(4 (s - t) / (max - min))`` (0.5 at the threshold, same ranking as
     the raw scores), ``pred_label = pred_score > 0.5`` (i.e. raw score ``> image_threshold``) and
-    ``pred_mask = anomaly_map > 0.5`` (raw map ``> pixel_threshold``). A score equal to the quantile is
-    normal. ``normalized_image_threshold``/``normalized_pixel_threshold`` are 0.5 (anomalib's
+    ``pred_mask = anomaly_map > 0.5`` (raw map ``> pixel_threshold``). A score equal to the chosen
+    normal score is normal. ``normalized_image_threshold``/``normalized_pixel_threshold`` are 0.5 (anomalib's
     ``1 - sensitivity``; leave ``image_sensitivity``/``pixel_sensitivity`` at 0.5 to keep the target).
     After fitting, ``image_threshold_stats``/``pixel_threshold_stats`` hold the number of normal
-    validation images (or pixels) and the specificity achieved on them (``>= target_specificity``).
+    validation images (or pixels) ``n``, the specificity achieved on them (``>= k / n``) and where they came from;
+    they are saved in checkpoints, for the operating-point summary of ``anomalib test``.
 
     Validation sets with abnormal images (``synthetic``, or ``same_as_test``): the thresholds still come
     from the normal images alone, so they do not depend on which or how many anomalies are present; under
@@ -328,7 +322,8 @@ class SpecificityPostProcessor(RankPreservingPostProcessor):
 
     @property
     def _checkpoint_config_keys(self) -> tuple[str, ...]:
-        return (*super()._checkpoint_config_keys, "target_specificity")
+        stats = ("image_threshold_stats", "pixel_threshold_stats")
+        return (*super()._checkpoint_config_keys, "target_specificity", *stats)
 
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         """Fit the thresholds and the normalisation, and keep the thresholds' validation statistics."""
@@ -336,7 +331,14 @@ class SpecificityPostProcessor(RankPreservingPostProcessor):
         image_metric.target_specificity = pixel_metric.target_specificity = check_specificity(self.target_specificity)
         fit_image, fit_pixel = image_metric.update_called, pixel_metric.update_called
         super().on_validation_epoch_end(trainer, pl_module)
+        mode = getattr(getattr(trainer, "datamodule", None), "val_split_mode", None)
+        mode = getattr(mode, "value", mode)
+        calibration = _CALIBRATION_SOURCES.get(mode, "validation normals" + (f" ({mode})" if mode else ""))
         for fitted, metric, name in ((fit_image, image_metric, "image"), (fit_pixel, pixel_metric, "pixel")):
             if fitted and self.enable_thresholding:
-                stats = {"normal_count": metric.num_normal, "val_specificity": metric.achieved_specificity}
+                stats = {
+                    "normal_count": metric.num_normal,
+                    "val_specificity": metric.achieved_specificity,
+                    "calibration": calibration,
+                }
                 setattr(self, f"{name}_threshold_stats", stats)

@@ -6,7 +6,10 @@ The input is a *run folder*: any folder holding one or more ``report_data/`` fol
 or a benchmark run folder (``benchmarks/results/<run>``, one ``report_data/<job>`` per job). The page and its
 PNG figures go to ``<run folder>/report/``; it links no external resource, so it opens offline.
 
-Contents: a table of each run's test metrics; per dataset, the ROC curves of every run on one plot; per run, a
+Contents: a summary table that leads with each run's decision (test sensitivity and specificity of ``pred_label`` with
+exact Clopper-Pearson intervals, the target specificity, ``n`` normals behind the threshold, and the threshold in the
+normalised units of the score CSV and the exported model, raw in brackets), then its AUROC and pixel metrics; per
+dataset, the ROC curves of every run on one plot; per run, a
 histogram of the raw scores of normal and abnormal test images with the image threshold, and three galleries
 (the highest-scoring normal images, i.e. false alarms; the lowest-scoring abnormal ones, i.e. misses; typical
 cases near the median score of each class), each case as the image with the lesion outline, and the heatmap
@@ -36,6 +39,7 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from anomalib_adfa.callbacks import REPORT_DATA_DIR
+from anomalib_adfa.conformal import clopper_pearson
 
 CASES_PER_GALLERY = 4
 HEATMAP_COLORMAP = "jet"
@@ -167,20 +171,65 @@ def _pixel_values(run: RunData) -> dict[str, str]:
     return values
 
 
+_DECISION_HEADINGS = ("Sensitivity [95% CI]", "Specificity [95% CI]", "Target spec.", "n normals", "Threshold [raw]")
+
+
+def _decision_values(run: RunData) -> list[str]:
+    """Sensitivity and specificity at the run's image threshold with Clopper-Pearson intervals, target, n, threshold.
+
+    Decisions are recomputed from the raw scores and the raw threshold (``score > threshold``), as ``pred_label``.
+    """
+    threshold = run.info.get("image_threshold")
+    if threshold is None or not np.isfinite(threshold):
+        return ["-"] * len(_DECISION_HEADINGS)
+    labels, scores = run.predictions.gt_label.to_numpy(), run.predictions.pred_score.to_numpy()
+    flagged = scores > threshold
+    cells = []
+    for positive, decided in ((1, flagged), (0, ~flagged)):
+        chosen = labels == positive
+        hits, total = int((decided & chosen).sum()), int(chosen.sum())
+        low, high = clopper_pearson(hits, total)
+        cells.append(f"{hits / total:.3f} [{low:.3f}, {high:.3f}] ({hits}/{total})" if total else "-")
+    target, count = run.info.get("target_specificity"), run.info.get("threshold_normals")
+    normalized = run.info.get("image_threshold_normalized")
+    cells += [
+        f"{target:g}" if target is not None else "-",
+        str(count) if count is not None else "-",
+        f"{_fmt(normalized)} [{_fmt(threshold)}]" if normalized is not None else f"[{_fmt(threshold)}]",
+    ]
+    return cells
+
+
 def _metrics_table(runs: list[RunData]) -> str:
-    headings = ["Dataset", "Run", "Test images", "image AUROC", *(h for h, _ in _SUMMARY_COLUMNS), "Dice/IoU threshold"]
+    headings = [
+        "Dataset",
+        "Run",
+        *_DECISION_HEADINGS,
+        "Threshold set on",
+        "Test images",
+        "image AUROC",
+        *(h for h, _ in _SUMMARY_COLUMNS),
+        "Dice/IoU threshold",
+    ]
     rows = []
     for run in runs:
         labels, scores = run.predictions.gt_label.to_numpy(), run.predictions.pred_score.to_numpy()
         image_auroc = f"{roc_auc_score(labels, scores):.3f}" if len(set(labels.tolist())) == 2 else "-"
         pixel = _pixel_values(run)
-        cells = [run.dataset, run.name, f"{len(labels)} ({int(labels.sum())} abnormal)", image_auroc]
+        source = run.info.get("threshold_calibration") or run.info.get("image_threshold_source", "")
+        cells = [run.dataset, run.name, *_decision_values(run), source]
+        cells += [f"{len(labels)} ({int(labels.sum())} abnormal)", image_auroc]
         cells += [pixel[heading] for heading, _ in _SUMMARY_COLUMNS] + [pixel["threshold"]]
         rows.append("<tr>" + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in cells) + "</tr>")
     header = "".join(f"<th>{html.escape(heading)}</th>" for heading in headings)
     resolution = ", ".join(sorted({str(run.info.get("mask_resolution", "input")) for run in runs}))
     caption = (
-        "Image AUROC from the raw scores. Pixel metrics from the raw maps, with 95 % bootstrap CIs over images where "
+        "Operating point first: sensitivity (abnormal test images flagged) and specificity (normal test images "
+        "cleared) of the decision the model outputs, with exact binomial (Clopper-Pearson) 95 % intervals and counts; "
+        "the target specificity; n, the normal images the threshold was set on and where they came from; the threshold "
+        "in the normalised units of the score CSV and the exported model (0.5 for ADFA's post-processor), the raw "
+        "threshold in brackets. Image AUROC from the raw scores. "
+        "Pixel metrics from the raw maps, with 95 % bootstrap CIs over images where "
         f"the benchmark computed them, else as logged at test time; masks compared at the {resolution} resolution "
         "(input: after resize and centre crop; original: in the image's frame). AUPRO: anomalib's, up to a "
         "pixel false-positive rate of 0.3. Dice/IoU threshold: where the pixel threshold was chosen "
@@ -243,7 +292,8 @@ def _run_section(run: RunData, output: Path) -> list[str]:
     _plot_histogram(run, threshold, output / hist)
     parts = [
         f"<h3>{html.escape(run.name)}</h3>",
-        f"<p class='note'>Image threshold {_fmt(threshold)} ({html.escape(source)}); pixel threshold "
+        f"<p class='note'>Image threshold {_fmt(run.info.get('image_threshold_normalized'))} normalised, raw "
+        f"{_fmt(threshold)} ({html.escape(source)}); pixel threshold "
         f"{_fmt(run.info.get('pixel_threshold'))} ({html.escape(run.info.get('pixel_threshold_source', ''))}).</p>",
         _logged_metrics(run),
         _figure(hist, "Raw image scores of the normal and abnormal test images, with the image threshold"),

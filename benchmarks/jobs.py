@@ -33,7 +33,8 @@ from anomalib.pipelines.benchmark.job import BenchmarkJob
 from lightning import Callback, LightningModule, Trainer, seed_everything
 
 from anomalib_adfa import Adfa
-from anomalib_adfa.callbacks import EvaluationRecorder, LabelFreeCheckpoint
+from anomalib_adfa.callbacks import CrossFitThreshold, EvaluationRecorder, LabelFreeCheckpoint
+from anomalib_adfa.conformal import clopper_pearson
 from anomalib_adfa.data import BUSI, BrainMRI, Covid, SIPaKMeD
 from anomalib_adfa.patch_scoring import kl_weight
 from anomalib_adfa.pixel_metrics import pixel_metrics, threshold_label
@@ -48,9 +49,19 @@ DATASETS: dict[str, tuple[type[AnomalibDataModule], str]] = {
 }
 """Datamodule and default folder (below ``--data-root``) of each dataset."""
 
-PROTOCOLS: dict[str, str] = {"paper": "same_as_test", "synthetic": "synthetic", "from_train": "from_train"}
+PROTOCOLS: dict[str, str] = {
+    "paper": "same_as_test",
+    "synthetic": "synthetic",
+    "from_train": "from_train",
+    "crossfit": "crossfit",
+}
 """Benchmark protocol -> datamodule ``val_split_mode``. ``paper`` reproduces Table 1; its thresholds are
-test-calibrated (the validation set is the test set). The others hold out half of the training normals."""
+test-calibrated (the validation set is the test set). ``synthetic`` and ``from_train`` hold out half of the training
+normals. ``crossfit`` trains on all of them and sets the threshold on out-of-fold scores of :data:`CROSSFIT_FOLDS` fold
+models (:class:`~anomalib_adfa.crossfit.CrossFitThreshold`), for every model alike."""
+
+CROSSFIT_FOLDS = 5
+"""Fold models of the ``crossfit`` protocol."""
 
 AUROC_TOLERANCE = 0.005
 """Largest accepted gap between our raw-score AUROC and anomalib's ``image_AUROC``."""
@@ -271,10 +282,13 @@ class MedicalBenchmarkJob(BenchmarkJob):
             label=f"{label} (seed {self.spec.seed})",
         )
         # adfa_recommended keeps the epoch with the best label-free validation quantity; under the paper protocol the
-        # validation images are the test images, so it keeps the last epoch there.
+        # validation images are the test images, and crossfit has no validation set, so it keeps the last epoch there.
         quantity = recommended_selection() if self.spec.model == "adfa_recommended" else None
-        label_free = self.spec.protocol != "paper" and (quantity == "normal_score" or self.spec.protocol == "synthetic")
+        held_out = self.spec.protocol in ("synthetic", "from_train")
+        label_free = held_out and (quantity == "normal_score" or self.spec.protocol == "synthetic")
         selector = LabelFreeCheckpoint(quantity=quantity) if quantity and label_free else None
+        crossfit = CrossFitThreshold(CROSSFIT_FOLDS, seed=self.spec.seed) if self.spec.protocol == "crossfit" else None
+        extra = [callback for callback in (selector, crossfit) if callback is not None]
         with tempfile.TemporaryDirectory() as temp_dir:
             engine = Engine(
                 accelerator=self.accelerator,
@@ -284,7 +298,7 @@ class MedicalBenchmarkJob(BenchmarkJob):
                 max_epochs=epochs,
                 # Validate (to fit the post-processor) once, at the end, unless selecting an epoch by validation.
                 check_val_every_n_epoch=1 if selector else epochs,
-                callbacks=[recorder, maps, *([selector] if selector else [])],
+                callbacks=[recorder, maps, *extra],
                 enable_progress_bar=False,
                 enable_model_summary=False,
             )
@@ -312,7 +326,7 @@ class MedicalBenchmarkJob(BenchmarkJob):
             "test_s": round(test_end - test_start, 2),
             "test_ms_per_image": round(1000 * recorder.test_seconds / len(scores), 2),
             **_score_metrics(labels, scores),
-            **self._operating_point(recorder, labels, scores),
+            **self._operating_point(recorder, labels, scores, crossfit),
             **{f"anomalib_{name}": float(value) for name, value in test_metrics.items()},
         }
         if maps.masks:
@@ -332,15 +346,36 @@ class MedicalBenchmarkJob(BenchmarkJob):
         maps.add_to_summary(pixel_metrics=columns)
         return columns
 
-    def _operating_point(self, recorder: _ScoreRecorder, labels: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
-        """Test sensitivity/specificity at the validation-normal threshold, CIs, calibration gap, threshold check."""
-        val_scores = torch.cat(recorder.val_scores).numpy()
-        val_normal = val_scores[torch.cat(recorder.val_labels).numpy() == 0]
+    def _operating_point(
+        self,
+        recorder: _ScoreRecorder,
+        labels: np.ndarray,
+        scores: np.ndarray,
+        crossfit: CrossFitThreshold | None = None,
+    ) -> dict[str, Any]:
+        """Test sensitivity/specificity at the threshold set on normals, CIs, calibration gap, threshold check.
+
+        The normals behind the threshold are the validation normals, or under ``crossfit`` the out-of-fold scores.
+        Intervals: bootstrap (resampling those normals and the test images) and Clopper-Pearson (test images only).
+        """
+        if crossfit is not None:
+            val_scores = val_normal = crossfit.scores.numpy()
+        else:
+            val_scores = torch.cat(recorder.val_scores).numpy()
+            val_normal = val_scores[torch.cat(recorder.val_labels).numpy() == 0]
         point = operating_point(val_normal, labels, scores, TARGET_SPECIFICITY, val_scores=val_scores)
         fitted = float(self.model.post_processor.image_threshold)
+        flagged, abnormal = int((scores[labels == 1] > point.threshold).sum()), int((labels == 1).sum())
+        cleared, normal = int((scores[labels == 0] <= point.threshold).sum()), int((labels == 0).sum())
+        sensitivity_cp, specificity_cp = clopper_pearson(flagged, abnormal), clopper_pearson(cleared, normal)
         return {
             "target_specificity": TARGET_SPECIFICITY,
+            "threshold_normals": int(val_normal.size),
             "threshold": point.threshold,
+            "test_sensitivity_cp_low": sensitivity_cp.low,
+            "test_sensitivity_cp_high": sensitivity_cp.high,
+            "test_specificity_cp_low": specificity_cp.low,
+            "test_specificity_cp_high": specificity_cp.high,
             "test_sensitivity": point.sensitivity,
             "test_sensitivity_ci_low": point.sensitivity_ci.low,
             "test_sensitivity_ci_high": point.sensitivity_ci.high,

@@ -12,14 +12,8 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
-from anomalib_adfa.post_processing import RankPreservingPostProcessor, quantile_rank
-
-
-class Interval(NamedTuple):
-    """A two-sided confidence interval."""
-
-    low: float
-    high: float
+from anomalib_adfa.conformal import Interval, conformal_rank
+from anomalib_adfa.post_processing import RankPreservingPostProcessor
 
 
 def _check_binary(labels: np.ndarray, scores: np.ndarray) -> None:
@@ -150,7 +144,7 @@ def operating_point(
     """Test sensitivity/specificity at the validation-normal quantile threshold, with percentile bootstrap CIs.
 
     The threshold is the validation normals' order statistic of rank
-    :func:`~anomalib_adfa.post_processing.quantile_rank` (a score above it is abnormal), as the post-processor's.
+    :func:`~anomalib_adfa.conformal.conformal_rank` (a score above it is abnormal), as the post-processor's.
 
     Args:
         val_normal_scores: Raw scores of the validation normal images, shape ``(M,)``.
@@ -175,7 +169,7 @@ def operating_point(
         msg = "no validation normal scores to set the threshold on"
         raise ValueError(msg)
     rng = np.random.default_rng(seed)
-    rank = quantile_rank(val_normal_scores.size, target_specificity)
+    rank = conformal_rank(val_normal_scores.size, target_specificity)
     threshold = float(val_normal_scores[rank - 1])
     if val_scores is not None:
         gap = RankPreservingPostProcessor.threshold_in_gap

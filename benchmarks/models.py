@@ -22,7 +22,6 @@ from typing import Any
 
 import timm
 import yaml
-from anomalib.metrics import Evaluator
 from anomalib.models import Cfa, Padim, Patchcore, ReverseDistillation, Stfpm
 from anomalib.models.components import AnomalibModule
 from anomalib.pre_processing import PreProcessor
@@ -30,6 +29,7 @@ from anomalib.pre_processing import PreProcessor
 from anomalib_adfa import Adfa, SpecificityPostProcessor
 from anomalib_adfa.backbones import LITE0_BACKBONE, LITE0_LAYERS, load_state_dict_file
 from anomalib_adfa.metrics import clinical_test_metrics
+from anomalib_adfa.operating_point import OperatingPointEvaluator
 
 MODEL_NAMES = ("adfa", "adfa_recommended", "padim", "stfpm", "reverse_distillation", "patchcore", "cfa")
 
@@ -143,7 +143,7 @@ def _common(settings: ModelSettings) -> dict[str, Any]:
     return {
         "pre_processor": settings.pre_processor(),
         "post_processor": SpecificityPostProcessor(target_specificity=TARGET_SPECIFICITY),
-        "evaluator": Evaluator(test_metrics=clinical_test_metrics()),
+        "evaluator": OperatingPointEvaluator(test_metrics=clinical_test_metrics()),
         "visualizer": False,
     }
 

@@ -31,6 +31,11 @@ _SUMMARY_METRICS = (
     "test_specificity",
     "test_specificity_ci_low",
     "test_specificity_ci_high",
+    "test_sensitivity_cp_low",
+    "test_sensitivity_cp_high",
+    "test_specificity_cp_low",
+    "test_specificity_cp_high",
+    "threshold_normals",
     "calibration_gap",
     "anomalib_image_AUPR",
     "anomalib_image_Sensitivity_at_Spec95",
@@ -220,25 +225,36 @@ def pixel_table(summary: pd.DataFrame) -> str:
 
 
 class Column(NamedTuple):
-    """One column of a metric table: heading, summary metric, and the metrics of its interval (or ``None``)."""
+    """One column of a metric table: heading, summary metric, and the metrics of its interval (or ``None``).
+
+    ``signed`` prints a sign, ``digits`` the decimals, ``bare`` the interval alone.
+    """
 
     heading: str
     metric: str
     interval: tuple[str, str] | None = None
     signed: bool = False
+    digits: int = 3
+    bare: bool = False
 
 
 OPERATING_POINT_COLUMNS = (
-    Column("Sensitivity", "test_sensitivity", ("test_sensitivity_ci_low", "test_sensitivity_ci_high")),
-    Column("Specificity", "test_specificity", ("test_specificity_ci_low", "test_specificity_ci_high")),
+    Column("Sensitivity [CP 95%]", "test_sensitivity", ("test_sensitivity_cp_low", "test_sensitivity_cp_high")),
+    Column("Specificity [CP 95%]", "test_specificity", ("test_specificity_cp_low", "test_specificity_cp_high")),
+    Column("n normals", "threshold_normals", digits=0),
     Column("Calibration gap", "calibration_gap", signed=True),
+    Column(
+        "Spec. bootstrap CI", "test_specificity", ("test_specificity_ci_low", "test_specificity_ci_high"), bare=True
+    ),
     Column("PPV", "anomalib_image_PPV"),
     Column("NPV", "anomalib_image_NPV"),
     Column("Sens. @ 95% test spec. (oracle)", "anomalib_image_Sensitivity_at_Spec95"),
     Column("AUPR", "anomalib_image_AUPR"),
     Column("F1 oracle (test-calibrated)", "image_F1_best"),
 )
-"""Operating-point group: at the validation threshold, then threshold-free and test-calibrated references."""
+"""Operating-point group: at the threshold set on normals (Clopper-Pearson intervals over the test images; ``n``
+normals behind the threshold; the bootstrap interval also resamples those normals), then threshold-free and
+test-calibrated references."""
 
 
 def column_table(
@@ -278,10 +294,12 @@ def column_table(
                 cells = []
                 for column in columns:
                     mean = value(row, column.metric)
-                    text = "n/a" if np.isnan(mean) else (f"{mean:+.3f}" if column.signed else f"{mean:.3f}")
+                    sign = "+" if column.signed else ""
+                    text = "n/a" if np.isnan(mean) else f"{mean:{sign}.{column.digits}f}"
                     if column.interval is not None and not np.isnan(mean):
                         low, high = (value(row, metric) for metric in column.interval)
-                        text += f" [{low:.2f}, {high:.2f}]"
+                        bounds = "n/a" if np.isnan(low) else f"[{low:.2f}, {high:.2f}]"
+                        text = bounds if column.bare else f"{text} {bounds}"
                     cells.append(text)
                 title = DATASET_TITLES.get(dataset, dataset)
                 lines.append(f"| {title} | {protocol} | {name} | " + " | ".join(cells) + " |")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -11,8 +12,10 @@ import pytest
 import torch
 
 from anomalib_adfa.backbones import LITE0_BACKBONE, efficientnet_lite0_weights, load_state_dict_file
+from anomalib_adfa.callbacks import CrossFitThreshold
+from anomalib_adfa.conformal import clopper_pearson
 from benchmarks import run
-from benchmarks.jobs import MedicalBenchmarkJob
+from benchmarks.jobs import CROSSFIT_FOLDS, PROTOCOLS, JobSpec, MedicalBenchmarkJob, _ScoreRecorder
 from benchmarks.metrics import auroc, best_f1, bootstrap_auroc_ci, operating_point
 from benchmarks.models import ModelSettings, UnsupportedModelError, build_model
 
@@ -52,15 +55,39 @@ def test_bootstrap_interval_brackets_the_auroc() -> None:
 
 def test_operating_point_uses_the_validation_quantile_and_brackets_the_rates() -> None:
     rng = np.random.default_rng(0)
-    val_normal = np.arange(1.0, 21.0)  # 0.9 quantile (rank 18) is 18
+    val_normal = np.arange(1.0, 21.0)  # conformal rank ceil(21 * 0.9) = 19: the threshold is 19
     labels = np.r_[np.zeros(200, dtype=int), np.ones(100, dtype=int)]
     scores = np.r_[rng.uniform(0, 20, 200), rng.uniform(15, 40, 100)]
     point = operating_point(val_normal, labels, scores, 0.9, num_samples=500)
-    assert point.threshold == 18.0
-    assert point.specificity == pytest.approx((scores[:200] <= 18).mean())
-    assert point.sensitivity == pytest.approx((scores[200:] > 18).mean())
+    assert point.threshold == 19.0
+    assert point.specificity == pytest.approx((scores[:200] <= 19).mean())
+    assert point.sensitivity == pytest.approx((scores[200:] > 19).mean())
     assert point.specificity_ci.low < point.specificity < point.specificity_ci.high
     assert point.sensitivity_ci.low < point.sensitivity < point.sensitivity_ci.high
+
+
+def test_crossfit_protocol_sets_the_operating_point_on_the_out_of_fold_scores() -> None:
+    args = run.parse_args(["--protocol", "crossfit", "from_train", "--datasets", "covid", "--models", "padim"])
+    assert [spec.protocol for spec in run.job_specs(args)[:2]] == ["crossfit", "from_train"]
+    assert PROTOCOLS["crossfit"] == "crossfit"
+    assert CROSSFIT_FOLDS == 5
+    job = MedicalBenchmarkJob(JobSpec("covid", "padim", 1024, protocol="crossfit"), context=None)
+    crossfit = CrossFitThreshold()
+    crossfit.scores = torch.arange(1.0, 21.0, dtype=torch.float64)  # 20 out-of-fold normal scores
+    job.model = SimpleNamespace(post_processor=SimpleNamespace(image_threshold=torch.tensor(20.0)))
+    labels = np.r_[np.zeros(10, dtype=int), np.ones(10, dtype=int)]
+    scores = np.r_[np.linspace(0, 22, 10), np.linspace(15, 40, 10)]
+    result = job._operating_point(_ScoreRecorder(), labels, scores, crossfit)
+    # No validation epoch ran (the recorder is empty): the 20 out-of-fold scores set the threshold, rank 20.
+    assert result["threshold_normals"] == 20
+    assert result["threshold"] == 20.0
+    assert not result["threshold_mismatch"]
+    cleared = int((scores[:10] <= 20).sum())
+    assert result["test_specificity"] == cleared / 10
+    low, high = clopper_pearson(cleared, 10)
+    assert (result["test_specificity_cp_low"], result["test_specificity_cp_high"]) == (low, high)
+    flagged = int((scores[10:] > 20).sum())
+    assert (result["test_sensitivity_cp_low"], result["test_sensitivity_cp_high"]) == clopper_pearson(flagged, 10)
 
 
 def _lite0_settings() -> ModelSettings:

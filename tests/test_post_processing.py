@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,8 @@ from anomalib.cli import AnomalibCLI
 from anomalib.data import ImageBatch
 
 from anomalib_adfa import SpecificityPostProcessor
-from anomalib_adfa.post_processing import RankPreservingPostProcessor, normal_quantile_threshold, quantile_rank
+from anomalib_adfa.conformal import conformal_rank
+from anomalib_adfa.post_processing import RankPreservingPostProcessor, normal_quantile_threshold
 
 gap = RankPreservingPostProcessor.threshold_in_gap
 SCORES = torch.tensor([0.1, 0.4, 0.2, 0.9, 0.5])
@@ -67,20 +69,21 @@ def _fit(post_processor: SpecificityPostProcessor, scores: torch.Tensor, labels:
 
 @pytest.mark.parametrize("count", [1, 7, 20, 100, 1000])
 @pytest.mark.parametrize("target", [0.5, 0.9, 0.95, 0.99])
-def test_threshold_is_the_lower_empirical_quantile(count: int, target: float) -> None:
+def test_threshold_is_the_conformal_order_statistic(count: int, target: float) -> None:
     scores = torch.from_numpy(np.random.default_rng(count).normal(size=count))
     threshold = normal_quantile_threshold(scores, target)
-    assert float(threshold) == np.quantile(scores.numpy(), target, method="inverted_cdf")
-    # The smallest score with at least the target fraction at or below it.
-    assert (scores <= threshold).double().mean() >= target or quantile_rank(count, target) == count
-    below = scores[scores < threshold]
-    assert below.numel() / count < target
+    rank = min(count, math.ceil(round((count + 1) * target, 9)))  # ceil((n + 1) q), clipped to n
+    assert float(threshold) == np.sort(scores.numpy())[rank - 1]
+    assert conformal_rank(count, target) == rank
+    # At least a fraction k / n >= q n / n of the calibration scores are at or below it (all when clipped).
+    assert (scores <= threshold).double().mean() >= min(1.0, target * (count + 1) / count) - 1e-12
 
 
 def test_threshold_on_scores_with_known_quantiles() -> None:
-    ranks = torch.arange(1, 101, dtype=torch.float64)  # 1..100: the 95 % lower quantile is 95
-    assert float(normal_quantile_threshold(ranks, 0.95)) == 95.0
-    assert float(normal_quantile_threshold(ranks[:20], 0.95)) == 19.0  # 0.95 * 20 = 19 exactly despite rounding
+    ranks = torch.arange(1, 101, dtype=torch.float64)  # 1..100: rank ceil(101 * 0.95) = ceil(95.95) = 96
+    assert float(normal_quantile_threshold(ranks, 0.95)) == 96.0
+    assert float(normal_quantile_threshold(ranks[:19], 0.95)) == 19.0  # 0.95 * 20 = 19 exactly despite rounding
+    assert float(normal_quantile_threshold(ranks[:29], 0.95)) == 29.0  # 28.5 -> 29: the largest of 29
     uniform = torch.rand(200_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     assert float(normal_quantile_threshold(uniform, 0.95)) == pytest.approx(0.95, abs=0.003)
     exponential = -torch.log(uniform)
@@ -90,11 +93,15 @@ def test_threshold_on_scores_with_known_quantiles() -> None:
 def test_a_score_equal_to_the_threshold_is_normal() -> None:
     post_processor = SpecificityPostProcessor(target_specificity=0.95)
     _fit(post_processor, torch.arange(1.0, 101.0), torch.zeros(100, dtype=torch.long))
-    # The quantile is 95; the threshold sits in the gap above it, so 95 stays normal by a margin.
-    assert float(post_processor.image_threshold) == 95.5
-    out = post_processor(ImageBatch(image=torch.zeros(3, 3, 4, 4), pred_score=torch.tensor([94.0, 95.0, 96.0])))
+    # The rank-96 score is 96; the threshold sits in the gap above it, so 96 stays normal by a margin.
+    assert float(post_processor.image_threshold) == 96.5
+    out = post_processor(ImageBatch(image=torch.zeros(3, 3, 4, 4), pred_score=torch.tensor([95.0, 96.0, 97.0])))
     assert out.pred_label.tolist() == [False, False, True]
-    assert post_processor.image_threshold_stats == {"normal_count": 100, "val_specificity": 0.95}
+    stats = {"normal_count": 100, "val_specificity": 0.96, "calibration": "validation normals"}
+    assert post_processor.image_threshold_stats == stats
+    restored = SpecificityPostProcessor()
+    restored.load_checkpoint_config(post_processor.checkpoint_config())
+    assert restored.image_threshold_stats == stats  # n and its source travel with the checkpoint
 
 
 def test_threshold_comes_from_the_normals_only_and_keeps_the_ranking() -> None:
@@ -102,8 +109,8 @@ def test_threshold_comes_from_the_normals_only_and_keeps_the_ranking() -> None:
     post_processor = SpecificityPostProcessor(target_specificity=0.9)
     scores = torch.cat([normal, torch.tensor([0.5, 50.0, 500.0])])  # abnormal images, one below every normal
     _fit(post_processor, scores, torch.tensor([0] * 20 + [1] * 3))
-    assert float(post_processor.image_threshold) == 18.5  # quantile 18, moved into the gap below 19
-    test_scores = torch.tensor([0.0, 17.9, 18.0, 18.6, 400.0, 5000.0])
+    assert float(post_processor.image_threshold) == 19.5  # rank ceil(21 * 0.9) = 19, moved into the gap below 20
+    test_scores = torch.tensor([0.0, 18.9, 19.0, 19.6, 400.0, 5000.0])
     out = post_processor(ImageBatch(image=torch.zeros(6, 3, 4, 4), pred_score=test_scores.clone()))
     assert out.pred_label.tolist() == [False, False, False, True, True, True]
     assert torch.all(out.pred_score.diff() > 0)  # strictly increasing, so every AUROC is the raw one
@@ -116,7 +123,7 @@ def test_pixel_threshold_is_the_quantile_of_the_normal_images_pixels() -> None:
     labels = torch.tensor([0, 0, 0, 1, 1, 1])
     post_processor = SpecificityPostProcessor(target_specificity=0.9)
     _fit(post_processor, maps.amax(dim=(1, 2, 3)), labels, maps)
-    expected = np.quantile(maps[:3].numpy(), 0.9, method="inverted_cdf")
+    expected = np.sort(maps[:3].numpy().ravel())[math.ceil(193 * 0.9) - 1]  # 192 normal pixels
     assert float(post_processor.pixel_threshold) == pytest.approx(expected)
     out = post_processor(ImageBatch(image=torch.zeros(6, 3, 8, 8), pred_score=maps.amax((1, 2, 3)), anomaly_map=maps))
     assert torch.equal(out.pred_mask.reshape(maps.shape), maps > post_processor.pixel_threshold)
@@ -138,14 +145,14 @@ def test_too_few_normals_warn_with_the_achievable_resolution(caplog: pytest.LogC
     post_processor = SpecificityPostProcessor(target_specificity=0.99)
     with caplog.at_level(logging.WARNING):
         _fit(post_processor, torch.arange(12.0), torch.zeros(12, dtype=torch.long))
-    assert "Only 12 normal validation images" in caplog.text
-    assert "1/12 = 0.083" in caplog.text
-    assert "at least 100" in caplog.text
+    assert "Only 12 normal images behind the image threshold" in caplog.text
+    assert "1/(n+1) = 0.077 instead of 0.010" in caplog.text
+    assert "at least 99 normal images" in caplog.text
     assert float(post_processor.image_threshold) == 11.0  # the largest normal: no score above to move towards
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         _fit(SpecificityPostProcessor(target_specificity=0.9), torch.arange(12.0), torch.zeros(12, dtype=torch.long))
-    assert "normal validation images" not in caplog.text
+    assert "behind the image threshold" not in caplog.text  # 12 >= 1/0.1 - 1 = 9
 
 
 def test_target_specificity_is_saved_with_the_checkpoint_config() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -12,6 +13,8 @@ import pytest
 
 from anomalib_adfa.callbacks import REPORT_DATA_DIR
 from anomalib_adfa.cli import main
+from anomalib_adfa.conformal import clopper_pearson
+from anomalib_adfa.visual_report import write_report
 
 
 def test_recorder_saves_what_the_report_needs(localisation_runs: dict[str, Path]) -> None:
@@ -56,3 +59,31 @@ def test_report_refuses_a_folder_without_records(tmp_path: Path, capsys: pytest.
     with pytest.raises(SystemExit):
         main(["report", str(tmp_path)])
     assert "EvaluationRecorder" in capsys.readouterr().err
+
+
+def test_summary_leads_with_the_operating_point(localisation_runs: dict[str, Path], tmp_path: Path) -> None:
+    run = localisation_runs["phantom"]
+    info = json.loads((run / REPORT_DATA_DIR / "run.json").read_text())
+    assert info["image_threshold_normalized"] == 0.5
+    assert info["target_specificity"] == 0.95
+    assert info["threshold_normals"] == 3  # same_as_test: the 3 normal test images
+    predictions = pd.read_csv(run / REPORT_DATA_DIR / "predictions.csv")
+    normal = predictions.pred_score[predictions.gt_label == 0]
+    cleared = int((normal <= info["image_threshold"]).sum())
+    low, high = clopper_pearson(cleared, len(normal))
+    page = write_report(run / REPORT_DATA_DIR, tmp_path / "report")
+    text = page.read_text()
+    table = text[text.index("<table>") : text.index("</table>")]
+    headings = re.findall(r"<th>([^<]+)</th>", table)
+    assert headings[2:7] == [
+        "Sensitivity [95% CI]",
+        "Specificity [95% CI]",
+        "Target spec.",
+        "n normals",
+        "Threshold [raw]",
+    ]
+    assert headings.index("image AUROC") > 6
+    expected = f"{cleared / len(normal):.3f} [{low:.3f}, {high:.3f}] ({cleared}/{len(normal)})"
+    assert f"<td>{expected}</td>" in table
+    assert f"<td>0.5 [{info['image_threshold']:.4g}]</td>" in table  # normalised, raw in brackets
+    assert "<details" not in table  # the operating point is not hidden in a collapsed section

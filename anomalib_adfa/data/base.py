@@ -17,6 +17,13 @@ Validation protocols (``val_split_mode``):
         under a fork of the random state seeded with ``seed``, so reproducible). The threshold still
         comes from the held-out normal half; the synthetic anomalies give a validation AUROC for
         label-free model selection (:class:`~anomalib_adfa.callbacks.LabelFreeCheckpoint`).
+    ``crossfit``
+        All training normals train the deployed model and there is no validation set: the threshold comes
+        from out-of-fold scores of ``K`` fold models, each trained on the other folds' normals
+        (:class:`~anomalib_adfa.crossfit.CrossFitThreshold`, which this mode requires:
+        ``--trainer.callbacks+=anomalib_adfa.callbacks.CrossFitThreshold``). Uses every normal twice: to train
+        the deployed model, and behind the threshold. Its guarantee is weaker than a held-out split's (see
+        :mod:`anomalib_adfa.conformal`).
     ``same_as_test`` (the paper's protocol)
         All training normals train and the validation set is a copy of the test split. Reproduces
         Table 1; its thresholds are test-calibrated, so ``pred_label`` and every thresholded metric
@@ -260,6 +267,8 @@ class MedicalDataModule(AnomalibDataModule):
         augmentations: Augmentations of any split without its own.
         val_split_mode: Validation protocol (see the module docstring): ``from_train`` (default; held-out
             training normals), ``synthetic`` (held-out normals, half turned into synthetic anomalies),
+            ``crossfit`` (no hold-out; threshold from out-of-fold scores, with
+            :class:`~anomalib_adfa.crossfit.CrossFitThreshold`),
             ``same_as_test`` (the paper's; reproduces Table 1, its thresholds are test-calibrated),
             ``from_test`` or ``none``.
         val_split_ratio: Fraction of the training normals held out by ``from_train`` and ``synthetic`` (of the
@@ -287,10 +296,11 @@ class MedicalDataModule(AnomalibDataModule):
         val_split_mode: ValSplitMode | str = ValSplitMode.FROM_TRAIN,
         val_split_ratio: float = 0.5,
     ) -> None:
-        val_split_mode = ValSplitMode(val_split_mode)
+        crossfit = getattr(val_split_mode, "value", val_split_mode) == CROSSFIT
+        val_split_mode = ValSplitMode.NONE if crossfit else ValSplitMode(val_split_mode)
         if val_split_mode == ValSplitMode.FROM_DIR:
             msg = (
-                f"{type(self).__name__} has no validation folder; use from_train, synthetic, same_as_test, "
+                f"{type(self).__name__} has no validation folder; use from_train, synthetic, crossfit, same_as_test, "
                 "from_test or none"
             )
             raise ValueError(msg)
@@ -312,6 +322,9 @@ class MedicalDataModule(AnomalibDataModule):
         )
         self.root = Path(root)
         self.check_images = check_images
+        if crossfit:
+            # anomalib's enum has no such member; every comparison with its members is False, as for ``none``.
+            self.val_split_mode: ValSplitMode | str = CROSSFIT
 
     def _dataset_options(self) -> dict[str, Any]:
         """Dataset-specific options passed to :attr:`dataset_class`."""
@@ -339,7 +352,9 @@ class MedicalDataModule(AnomalibDataModule):
         the half to corrupt with numpy's and torch's global generators), run under a fork of both seeded
         with :attr:`seed` so the synthetic images do not depend on the training's random state.
         """
-        if self.val_split_mode not in (ValSplitMode.FROM_TRAIN, ValSplitMode.SYNTHETIC):
+        if self.val_split_mode == CROSSFIT:
+            pass  # no validation set: CrossFitThreshold fits the post-processor on out-of-fold scores
+        elif self.val_split_mode not in (ValSplitMode.FROM_TRAIN, ValSplitMode.SYNTHETIC):
             super()._create_val_split()
         else:
             self.train_data, normal_val = self._hold_out_normals(self.train_data)
@@ -352,6 +367,17 @@ class MedicalDataModule(AnomalibDataModule):
         logger.info("%s: %s", type(self).__name__, summary)
         print(f"{type(self).__name__}: {summary}")
         self._write_protocol()
+
+    def val_dataloader(self) -> Any:
+        """Return anomalib's validation loader; under ``crossfit`` an error saying which callback fits the threshold."""
+        if self.val_split_mode == CROSSFIT:
+            msg = (
+                f"{type(self).__name__}(val_split_mode='crossfit') has no validation set: its threshold comes from "
+                "out-of-fold scores. Add --trainer.callbacks+=anomalib_adfa.callbacks.CrossFitThreshold (Engine: "
+                "callbacks=[CrossFitThreshold()]), or choose val_split_mode from_train"
+            )
+            raise RuntimeError(msg)
+        return super().val_dataloader()
 
     def _write_protocol(self) -> None:
         """Save :attr:`protocol` as ``protocol.json`` in the trainer's run folder, when attached to a trainer."""
@@ -392,7 +418,7 @@ class MedicalDataModule(AnomalibDataModule):
         dataset's own loader (EXIF orientation, 16-bit scaling), not anomalib's, so held-out normals score exactly
         as the test normals would.
         """
-        with _seeded_global_rngs(self.seed):
+        with seeded_global_rngs(self.seed):
             source = SyntheticAnomalyDataset.from_dataset(normal_val)
         samples = source.samples.copy()
         samples["mask_paths"] = [(path,) if path else () for path in samples.mask_path.fillna("")]
@@ -416,7 +442,7 @@ class MedicalDataModule(AnomalibDataModule):
             counts(getattr(self, name, None)) for name in ("train_data", "val_data", "test_data")
         )
         protocol = {
-            "val_split_mode": self.val_split_mode.value,
+            "val_split_mode": getattr(self.val_split_mode, "value", self.val_split_mode),
             "val_split_ratio": self.val_split_ratio if self.val_split_mode in _RATIO_MODES else None,
             "seed": self.seed,
             "train_normal": train_normal,
@@ -427,8 +453,13 @@ class MedicalDataModule(AnomalibDataModule):
         }
         if self.val_split_mode in (ValSplitMode.SAME_AS_TEST, ValSplitMode.FROM_TEST):
             protocol["note"] = "validation images are test images: thresholds are test-calibrated"
+        elif self.val_split_mode == CROSSFIT:
+            protocol["note"] = "thresholds from out-of-fold scores of the training normals (CrossFitThreshold)"
         return protocol
 
+
+CROSSFIT = "crossfit"
+"""``val_split_mode`` of the cross-fitting protocol (not one of anomalib's :class:`ValSplitMode` members)."""
 
 PROTOCOL_FILE = "protocol.json"
 """Name of the validation-protocol record written to the run folder (next to ``weights/``)."""
@@ -437,7 +468,7 @@ _RATIO_MODES = (ValSplitMode.FROM_TRAIN, ValSplitMode.SYNTHETIC, ValSplitMode.FR
 
 
 @contextmanager
-def _seeded_global_rngs(seed: int) -> Iterator[None]:
+def seeded_global_rngs(seed: int) -> Iterator[None]:
     """Run a block with numpy's and torch's global generators seeded, restoring both afterwards."""
     state = np.random.get_state()
     np.random.seed(seed)

@@ -97,3 +97,30 @@ def seeded_partition(keys: Iterable[str], fractions: Sequence[Fraction], seed: i
         parts.append(ordered[start : start + size])
         start += size
     return parts
+
+
+def seeded_folds(keys: Iterable[str], folds: int, seed: int) -> list[list[str]]:
+    """Split keys into ``folds`` disjoint folds of near-equal size (sizes differ by at most one), chosen by the seed.
+
+    Every key lands in exactly one fold: the ``i``-th key of :func:`seeded_order` goes to fold ``i mod folds``.
+
+    Args:
+        keys: Keys to split.
+        folds: Number of folds, from 2 to the number of keys.
+        seed: Seed choosing which keys go where.
+
+    Returns:
+        One list of keys per fold, each in seeded order.
+
+    Raises:
+        ValueError: When ``folds`` is below 2 or above the number of keys.
+
+    Example:
+        >>> [len(fold) for fold in seeded_folds([f"no/{i}.jpg" for i in range(12)], 5, seed=1024)]
+        [3, 3, 2, 2, 2]
+    """
+    ordered = seeded_order(keys, seed)
+    if isinstance(folds, bool) or not isinstance(folds, int) or not 2 <= folds <= len(ordered):
+        msg = f"folds must be an integer from 2 to the number of images ({len(ordered)}), got {folds!r}"
+        raise ValueError(msg)
+    return [ordered[start::folds] for start in range(folds)]

@@ -4,7 +4,7 @@ from fractions import Fraction
 
 import pytest
 
-from anomalib_adfa.data.split import part_sizes, seeded_order, seeded_partition
+from anomalib_adfa.data.split import part_sizes, seeded_folds, seeded_order, seeded_partition
 
 KEYS = [f"no/{index} no.jpg" for index in range(1, 99)]
 
@@ -63,3 +63,29 @@ def test_partition_is_disjoint_and_leaves_the_rest_unused() -> None:
     assert (len(train), len(test)) == (49, 25)
     assert not set(train) & set(test)
     assert set(train) | set(test) < set(KEYS)
+
+
+@pytest.mark.parametrize(("count", "folds"), [(12, 5), (58, 5), (29, 2), (7, 7)])
+def test_folds_score_every_key_exactly_once(count: int, folds: int) -> None:
+    keys = KEYS[:count]
+    parts = seeded_folds(keys, folds, seed=1024)
+    assert len(parts) == folds
+    assert sorted(key for part in parts for key in part) == sorted(keys)  # each key in exactly one fold
+    sizes = [len(part) for part in parts]
+    assert max(sizes) - min(sizes) <= 1
+    for held_out in parts:  # each fold model trains on the others and never on its held-out fold
+        trained = {key for part in parts if part is not held_out for key in part}
+        assert trained.isdisjoint(held_out)
+        assert trained | set(held_out) == set(keys)
+
+
+def test_folds_are_seeded_and_independent_of_input_order() -> None:
+    keys = KEYS[:20]
+    assert seeded_folds(keys, 5, seed=1) == seeded_folds(list(reversed(keys)), 5, seed=1)
+    assert seeded_folds(keys, 5, seed=1) != seeded_folds(keys, 5, seed=2)
+
+
+@pytest.mark.parametrize("folds", [1, 0, 13, 2.5, True])
+def test_a_fold_count_outside_two_to_n_is_refused(folds: object) -> None:
+    with pytest.raises(ValueError, match=r"folds must be an integer from 2 to the number of images \(12\)"):
+        seeded_folds(KEYS[:12], folds, seed=0)  # type: ignore[arg-type]
