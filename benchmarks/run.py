@@ -243,7 +243,8 @@ def run_jobs(specs: Sequence[JobSpec], jobs_dir: Path, argv: Sequence[str]) -> N
         progress.set_postfix_str(spec.key)
         path = jobs_dir / f"{spec.key}.json"
         path.unlink(missing_ok=True)
-        code = subprocess.call([sys.executable, "-m", "benchmarks.run", *argv, "--job", spec.key], env=env, cwd=root)
+        # Same working directory, so relative --data-root and --output-dir mean the same folders.
+        code = subprocess.call([sys.executable, "-m", "benchmarks.run", *argv, "--job", spec.key], env=env)
         if not path.is_file():
             signal = f" (signal {-code}; the kernel's OOM killer sends 9)" if code < 0 else ""
             lost = {"status": "error", "error": f"job process exited with code {code}{signal} and wrote no result"}
