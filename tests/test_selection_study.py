@@ -69,3 +69,11 @@ def test_validation_sets_are_seeded_and_change_only_the_anomalous_copies() -> No
             assert torch.equal(changed, repeated)
             assert changed.min() >= 0
             assert changed.max() <= 1
+
+
+def test_a_configuration_missing_on_one_dataset_is_not_a_candidate() -> None:
+    frame = _frame({("hard-g2", 1): 0.99}, {})
+    frame = frame[~((frame.config == "hard-g2") & (frame.dataset == "covid"))]
+    pick = apply_rule(frame)
+    assert pick.config != "hard-g2"
+    assert "hard-g2" not in set(regret(frame, pick)["best candidate"].str.split(",").str[0])
