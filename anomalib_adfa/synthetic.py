@@ -105,24 +105,27 @@ def _anatomy(size: int) -> _Anatomy:
     return _Anatomy(membership=membership, head=head_mask, brain_depth=ndimage.distance_transform_edt(brain))
 
 
-def _smooth_noise(rng: np.random.Generator, size: int, sigma: float) -> np.ndarray:
-    """Gaussian-smoothed white noise of shape ``(size, size)`` scaled to unit standard deviation."""
-    field = ndimage.gaussian_filter(rng.standard_normal((size, size)), sigma=sigma, mode="reflect")
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
+    """Gaussian-smoothed white noise of shape ``(H, W)`` scaled to unit standard deviation."""
+    field = ndimage.gaussian_filter(rng.standard_normal(shape), sigma=sigma, mode="reflect")
     return field / field.std()
 
 
-def _insert_lesion(rng: np.random.Generator, image: np.ndarray, anatomy: _Anatomy) -> tuple[np.ndarray, np.ndarray]:
-    """Add one lesion fully inside the brain.
+def _insert_lesion(rng: np.random.Generator, image: np.ndarray, depth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Add one lesion fully inside a region.
 
     Args:
         rng: Random generator.
-        image: Canonical image of shape ``(S, S)`` with intensities in ``[0, 1]``.
-        anatomy: Canonical anatomy of the same size.
+        image: Image of shape ``(H, W)`` with intensities in ``[0, 1]``.
+        depth: Distance in pixels to the nearest pixel outside the region (the brain for the phantom), ``(H, W)``.
 
     Returns:
-        The image with the lesion, and the lesion's soft support of shape ``(S, S)`` in ``[0, 1]``.
+        The image with the lesion, and the lesion's soft support of shape ``(H, W)`` in ``[0, 1]``.
+
+    Raises:
+        ValueError: If the region is too thin to hold a lesion.
     """
-    size = image.shape[0]
+    size = min(image.shape)
     radius = max(rng.uniform(0.06, 0.1) * size, 6.0)
     # Irregular outline: a randomly stretched ellipse whose radius is modulated by a few low angular harmonics.
     stretch = rng.uniform(0.75, 1.25)
@@ -135,11 +138,14 @@ def _insert_lesion(rng: np.random.Generator, image: np.ndarray, anatomy: _Anatom
 
     # Keep the whole lesion, soft edge included, inside the brain.
     reach = outline(np.linspace(0, 2 * np.pi, 360)).max() * max(stretch, 1 / stretch) ** 0.5
-    radius = min(radius, (anatomy.brain_depth.max() - 1 - 3 * edge) / reach)  # only binds for small images
+    radius = min(radius, (depth.max() - 1 - 3 * edge) / reach)  # only binds for small images or regions
     extent = radius * reach + 3 * edge
-    candidates = np.argwhere(anatomy.brain_depth > extent)
+    candidates = np.argwhere(depth > extent)
+    if radius < 1 or not len(candidates):
+        msg = f"the region is too thin for a lesion (deepest point {depth.max():.1f} px from its edge)"
+        raise ValueError(msg)
     centre_y, centre_x = candidates[rng.integers(len(candidates))]
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    yy, xx = np.mgrid[0 : image.shape[0], 0 : image.shape[1]].astype(np.float64)
     dy, dx = yy - centre_y, xx - centre_x
     along = dx * np.cos(tilt) + dy * np.sin(tilt)
     across = -dx * np.sin(tilt) + dy * np.cos(tilt)
@@ -149,7 +155,7 @@ def _insert_lesion(rng: np.random.Generator, image: np.ndarray, anatomy: _Anatom
         return 1.0 / (1.0 + np.exp((distance - radius * scale) / edge))
 
     support = profile(1.0)
-    texture = 1.0 + 0.2 * _smooth_noise(rng, size, sigma=radius / 4)
+    texture = 1.0 + 0.2 * _smooth_noise(rng, image.shape, sigma=radius / 4)
     kind = LESION_KINDS[rng.integers(len(LESION_KINDS))]
     if kind == "bright":
         change = rng.uniform(0.24, 0.36) * support * texture
@@ -159,6 +165,51 @@ def _insert_lesion(rng: np.random.Generator, image: np.ndarray, anatomy: _Anatom
         core = profile(rng.uniform(0.5, 0.7))
         change = rng.uniform(0.3, 0.4) * (support - core) * texture - rng.uniform(0.16, 0.24) * core
     return np.clip(image + change, 0.0, 1.0), support
+
+
+def body_region(gray: np.ndarray, level: float = 0.2) -> np.ndarray:
+    """Find the imaged body: smoothed intensity above ``level`` of its 99th percentile, holes filled, largest part.
+
+    Args:
+        gray: Grayscale image of shape ``(H, W)`` in ``[0, 1]``.
+        level: Fraction of the 99th-percentile intensity that separates body from background.
+
+    Returns:
+        Boolean mask of shape ``(H, W)``.
+    """
+    smooth = ndimage.gaussian_filter(gray.astype(np.float64), sigma=max(min(gray.shape) / 100, 1.0))
+    region = ndimage.binary_fill_holes(smooth > level * np.percentile(smooth, 99))
+    labels, count = ndimage.label(region)
+    if count > 1:
+        region = labels == np.bincount(labels.ravel())[1:].argmax() + 1
+    return region
+
+
+def implant_lesion(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Implant one phantom-style lesion inside the body region of a real image (a lesion-like validation anomaly).
+
+    The lesion is the phantom generator's (an irregular, soft-edged blob, bright, dark or ring-enhancing, with
+    internal texture), placed so that all of it lies inside :func:`body_region`, and added to every channel alike.
+
+    Args:
+        image: Image of shape ``(H, W)`` or ``(H, W, C)`` with intensities in ``[0, 1]``.
+        rng: Random generator (one per image makes the set reproducible).
+
+    Returns:
+        The image with the lesion (same shape, in ``[0, 1]``) and its mask ``(H, W)`` (support above 0.5).
+
+    Raises:
+        ValueError: If the image is not 2-D or 3-D, or its body region is too thin to hold a lesion.
+    """
+    if image.ndim not in {2, 3}:
+        msg = f"implant_lesion expects an (H, W) or (H, W, C) image, got shape {image.shape}"
+        raise ValueError(msg)
+    gray = image if image.ndim == 2 else image.mean(axis=2)
+    depth = ndimage.distance_transform_edt(body_region(gray))
+    changed, support = _insert_lesion(rng, gray, depth)
+    change = changed - gray
+    result = np.clip(image + (change if image.ndim == 2 else change[..., None]), 0.0, 1.0)
+    return result, support > 0.5
 
 
 def _warp_coordinates(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -172,8 +223,8 @@ def _warp_coordinates(rng: np.random.Generator, size: int) -> np.ndarray:
     source_y = (cos * yy - sin * xx) / scale_y + centre + shift_y
     source_x = (sin * yy + cos * xx) / scale_x + centre + shift_x
     strength = rng.uniform(0.008, 0.016) * size
-    source_y += strength * _smooth_noise(rng, size, sigma=size * 0.09)
-    source_x += strength * _smooth_noise(rng, size, sigma=size * 0.09)
+    source_y += strength * _smooth_noise(rng, (size, size), sigma=size * 0.09)
+    source_x += strength * _smooth_noise(rng, (size, size), sigma=size * 0.09)
     return np.stack([source_y, source_x])
 
 
@@ -191,16 +242,16 @@ def _render(rng: np.random.Generator, size: int, abnormal: bool) -> tuple[np.nda
     anatomy = _anatomy(size)
     contrast = _TISSUE_CONTRAST * rng.normal(1.0, 0.05, size=_TISSUE_CONTRAST.shape)
     image = np.tensordot(contrast, anatomy.membership, axes=1)
-    image *= 1.0 + 0.04 * _smooth_noise(rng, size, sigma=1.5) * anatomy.head
+    image *= 1.0 + 0.04 * _smooth_noise(rng, (size, size), sigma=1.5) * anatomy.head
     support = np.zeros_like(image)
     if abnormal:
-        image, support = _insert_lesion(rng, image, anatomy)
+        image, support = _insert_lesion(rng, image, anatomy.brain_depth)
     coordinates = _warp_coordinates(rng, size)
     image = ndimage.map_coordinates(image, coordinates, order=1, cval=0.0)
     head = ndimage.map_coordinates(anatomy.head.astype(np.float64), coordinates, order=1) > 0.5
     mask = (ndimage.map_coordinates(support, coordinates, order=1) > 0.5) & head
     image = ndimage.gaussian_filter(image, sigma=rng.uniform(0.4, 0.9))
-    bias = np.exp(rng.uniform(0.06, 0.15) * _smooth_noise(rng, size, sigma=size * 0.25))
+    bias = np.exp(rng.uniform(0.06, 0.15) * _smooth_noise(rng, (size, size), sigma=size * 0.25))
     image = np.clip(image * bias * rng.uniform(0.9, 1.1), 0.0, 1.0) ** rng.uniform(0.85, 1.15)
     # Rician noise: magnitude of a complex signal with Gaussian noise in both channels.
     sigma = rng.uniform(0.015, 0.035)

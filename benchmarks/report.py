@@ -77,7 +77,7 @@ def label(frame: pd.DataFrame) -> pd.Series:
 
 
 def summarise(results: pd.DataFrame) -> pd.DataFrame:
-    """Mean and standard deviation over seeds of every metric, per dataset and model (or variant).
+    """Mean and sample standard deviation (n - 1) over seeds of every metric, per dataset and model (or variant).
 
     Args:
         results: One row per job, as in ``results.csv``.
@@ -95,7 +95,7 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
         for metric in _SUMMARY_METRICS + _PIXEL_SUMMARY:
             values = done[metric].astype(float) if metric in done else pd.Series(dtype=float)
             row[f"{metric}_mean"] = values.mean()
-            row[f"{metric}_std"] = values.std(ddof=0) if len(values) > 1 else np.nan
+            row[f"{metric}_std"] = values.std(ddof=1) if len(values) > 1 else np.nan
         sources = done.get("pixel_threshold_source", pd.Series(dtype=object)).dropna()
         row["pixel_threshold_source"] = ", ".join(sorted(set(map(str, sources))))
         row["mismatches"] = int(done["auroc_mismatch"].fillna(value=False).astype(bool).sum()) if len(done) else 0
@@ -122,8 +122,8 @@ def _cell(mean: float, std: float, rank: int | None) -> str:
 def auroc_table(summary: pd.DataFrame, labels: Sequence[str], datasets: Sequence[str], row_title: str = "Model") -> str:
     """Markdown table laid out as the paper's Table 1: one row per model, one column per dataset.
 
-    Cells are the mean ± std over seeds of the raw-score image AUROC; per dataset the best is bold and the second
-    best underlined. Models that did not run show their status.
+    Cells are the mean ± sample standard deviation (n - 1) over seeds of the raw-score image AUROC; per dataset the
+    best is bold and the second best underlined. Models that did not run show their status.
 
     Args:
         summary: Output of :func:`summarise`.
@@ -316,7 +316,7 @@ def operating_point_table(
 def protocol_auroc_table(
     summary: pd.DataFrame, labels: Sequence[str], datasets: Sequence[str], protocols: Sequence[str]
 ) -> str:
-    """Image AUROC (mean ± std over seeds) with one column per dataset and protocol."""
+    """Image AUROC (mean ± sample SD over seeds) with one column per dataset and protocol."""
     header = [f"{DATASET_TITLES.get(d, d)} ({p})" for d in datasets for p in protocols]
     lines = ["| Model | " + " | ".join(header) + " |", "|" + "---|" * (1 + len(header))]
     indexed = summary.set_index(["dataset", "label", "protocol"])

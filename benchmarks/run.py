@@ -1,8 +1,9 @@
 """One-command benchmark: ADFA vs PaDiM, STFPM, Reverse Distillation, PatchCore and CFA on the medical datasets.
 
 Every model is trained and tested on the same splits (``anomalib_adfa.data``), with the same backbone and weights
-and the same pre-processing; everything else is the model's anomalib default. Each finished job is saved as one
-JSON file, so an interrupted run resumes where it stopped. Examples::
+and the same pre-processing; everything else is the model's anomalib default. Each job runs in a fresh Python process
+(``--job KEY``), so its memory goes back to the system when it ends and a 36-job run stays within one job's peak;
+its result comes back as one JSON file, so an interrupted run resumes where it stopped. Examples::
 
     # GPU machine with internet: WR50 hub weights, documented epochs, all datasets, the paper's seeds
     python -m benchmarks.run --data-root ~/data --run wr50
@@ -30,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -137,9 +139,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--report-only", action="store_true", help="write the report from the finished jobs without running any"
     )
     parser.add_argument("--accelerator", default="cpu" if not torch.cuda.is_available() else "gpu")
+    parser.add_argument("--job", metavar="KEY", help=argparse.SUPPRESS)  # internal: run one job in this process
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     # The command that produced the results: --report-only only rewrites the report.
-    args.command = " ".join(arg for arg in (sys.argv[1:] if argv is None else argv) if arg != "--report-only")
+    args.command = " ".join(arg for arg in args.argv if arg != "--report-only")
     if args.backbone == LITE0_BACKBONE and args.weights is None:
         args.weights = efficientnet_lite0_weights()
     if args.max_epochs is not None and args.max_epochs < 1:
@@ -220,21 +224,51 @@ def _check_run_settings(run_dir: Path, args: argparse.Namespace) -> None:
         path.write_text(json.dumps(current, indent=2))
 
 
-def run_jobs(specs: Sequence[JobSpec], context: JobContext, jobs_dir: Path, accelerator: str) -> None:
-    """Run every job without a saved result (failed jobs are retried); print each failure as it happens."""
+def run_jobs(specs: Sequence[JobSpec], jobs_dir: Path, argv: Sequence[str]) -> None:
+    """Run every job without a saved result (failed jobs are retried), each in its own process; print each failure.
+
+    Each job is ``python -m benchmarks.run <argv> --job KEY`` (:func:`run_one_job`): when it exits, the operating
+    system takes back all of its memory, so the run's footprint is that of its largest job, not the sum of all jobs.
+    A job process that dies without writing its result (killed for memory, say) is recorded as an error.
+
+    Args:
+        specs: The run's jobs.
+        jobs_dir: Folder of the per-job result files.
+        argv: The run's command-line arguments, passed on to each job process.
+    """
     pending = [spec for spec in specs if not _finished(jobs_dir / f"{spec.key}.json")]
     print(f"{len(specs) - len(pending)} of {len(specs)} job(s) already done; running {len(pending)}.")
     progress = tqdm(pending, desc="jobs", unit="job", file=sys.stdout)
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))}
     for spec in progress:
         progress.set_postfix_str(spec.key)
-        result = MedicalBenchmarkJob(spec, context, accelerator).run()
-        (jobs_dir / f"{spec.key}.json").write_text(json.dumps(result, indent=2, default=str))
+        path = jobs_dir / f"{spec.key}.json"
+        path.unlink(missing_ok=True)
+        # Same working directory, so relative --data-root and --output-dir mean the same folders.
+        code = subprocess.call([sys.executable, "-m", "benchmarks.run", *argv, "--job", spec.key], env=env)
+        if not path.is_file():
+            signal = f" (signal {-code}; the kernel's OOM killer sends 9)" if code < 0 else ""
+            lost = {"status": "error", "error": f"job process exited with code {code}{signal} and wrote no result"}
+            path.write_text(json.dumps({**vars(spec), **lost}, indent=2, default=str))
+        result = json.loads(path.read_text())
         if result["status"] == "ok":
             progress.write(f"{spec.key}: image AUROC {result['image_AUROC']:.3f} ({result['job_s']:.0f} s)")
         else:
             progress.write(f"{spec.key}: {result['status'].upper()}: {result['error']}")
             if "traceback" in result:
                 progress.write(result["traceback"])
+
+
+def run_one_job(specs: Sequence[JobSpec], context: JobContext, jobs_dir: Path, key: str, accelerator: str) -> None:
+    """Run the job named ``key`` in this process and save its result (``--job KEY``, started by :func:`run_jobs`)."""
+    matching = [spec for spec in specs if spec.key == key]
+    if not matching:
+        msg = f"--job {key!r} is not a job of this run's grid"
+        raise SystemExit(msg)
+    result = MedicalBenchmarkJob(matching[0], context, accelerator).run()
+    result["pid"] = os.getpid()
+    (jobs_dir / f"{key}.json").write_text(json.dumps(result, indent=2, default=str))
 
 
 def _finished(path: Path) -> bool:
@@ -276,7 +310,7 @@ def write_report(
     capped = f" (capped by --max-epochs {args.max_epochs})" if args.max_epochs else ""
     title = "ADFA ablation" if args.ablation else "ADFA vs anomalib models"
     text = [
-        f"# {title}: image AUROC (mean ± std over the seeds)",
+        f"# {title}: image AUROC (mean ± sample SD over the seeds)",
         "",
         *(
             [f"- **Partial**: {len(paths)} of {len(specs)} jobs finished; see the Seeds column.", ""]
@@ -293,7 +327,8 @@ def write_report(
         "are test-calibrated); `synthetic` and `from_train` hold out half of the training normals, so they train on "
         f"half as many images; `crossfit` trains on all of them and sets the threshold on out-of-fold scores of "
         f"{CROSSFIT_FOLDS} fold models.",
-        "- AUROC is computed from the raw image scores; bold = best, underlined = second best per dataset.",
+        "- AUROC is computed from the raw image scores; ± is the sample standard deviation over seeds (n - 1); "
+        "bold = best, underlined = second best per dataset.",
         "",
         f"## Operating point: threshold at {TARGET_SPECIFICITY:.0%} specificity on normals the model did not train on",
         "",
@@ -367,10 +402,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     _check_run_settings(run_dir, args)
     context = make_context(args, run_dir)
     specs = job_specs(args)
+    if args.job:
+        run_one_job(specs, context, run_dir / "jobs", args.job, args.accelerator)
+        return 0
     if args.max_epochs:
         print(f"Epochs capped at {args.max_epochs}: {context.epochs}")
     if not args.report_only:
-        run_jobs(specs, context, run_dir / "jobs", args.accelerator)
+        # Named explicitly so that every job process writes into this run folder (the default name is a timestamp).
+        run_jobs(specs, run_dir / "jobs", [*args.argv, "--run", run_dir.name])
     summary = write_report(run_dir, specs, args, context)
     if context.report_dir is not None and context.report_dir.is_dir():
         print(f"Visual report: {write_html_report(context.report_dir, title=f'benchmark run {run_dir.name}')}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -123,15 +124,21 @@ def test_smoke_run_writes_results_and_resumes(
     covid_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = [
-        *("--datasets", "covid", "--models", "adfa", "padim", "--seeds", "1024"),
+        *("--datasets", "covid", "--models", "adfa", "padim", "--seeds", "1024", "213"),
         *("--backbone", LITE0_BACKBONE, "--max-epochs", "1", "--image-size", "48", "--center-crop", "0"),
         *("--dataset-root", f"covid={covid_root}", "--output-dir", str(tmp_path), "--run", "smoke"),
     ]
     assert run.main(argv) == 0
     run_dir = tmp_path / "smoke"
     results = pd.read_csv(run_dir / "results.csv")
-    assert sorted(results.model) == ["adfa", "padim"]
+    assert sorted(results.model) == ["adfa", "adfa", "padim", "padim"]
     assert (results.status == "ok").all()
+    # Bounded memory: every job ran in its own process, which gave its memory back when it exited, so a later job's
+    # peak does not include what earlier jobs left behind (in one process, 11 BUSI jobs reached 24 GB).
+    assert results.pid.nunique() == len(results)
+    assert os.getpid() not in set(results.pid)
+    padim = results[results.model == "padim"].set_index("seed").peak_rss_mb
+    assert padim[213] < 1.25 * padim[1024]
     assert results.image_AUROC.between(0, 1).all()
     assert results.anomalib_image_AUROC.between(0, 1).all()
     assert (results.image_AUROC_ci_low <= results.image_AUROC).all()
@@ -144,47 +151,57 @@ def test_smoke_run_writes_results_and_resumes(
     assert (results.calibration_gap == results.test_specificity - 0.95).all()
     assert not results.threshold_mismatch.any()  # the post-processor's threshold is the recomputed one
     assert np.allclose(results.anomalib_image_Specificity, results.test_specificity, atol=1e-6)
+    summary = pd.read_csv(run_dir / "summary.csv").set_index("label")
+    padim_auroc = results[results.model == "padim"].image_AUROC
+    assert summary.loc["padim", "image_AUROC_std"] == pytest.approx(padim_auroc.std(ddof=1))
     table = (run_dir / "results.md").read_text()
     assert "| Model | Covid |" in table
+    assert "sample standard deviation over seeds (n - 1)" in table
     assert "F1 oracle (test-calibrated)" in table
     assert "Table 1 (image AUROC)" in table
     assert "**" in table
     assert "capped by --max-epochs 1" in table
     assert (run_dir / "auroc.png").read_bytes()[:4] == b"\x89PNG"
     saved = {path.name: json.loads(path.read_text()) for path in (run_dir / "jobs").glob("*.json")}
-    assert len(saved) == 2
+    assert len(saved) == 4
 
-    def recompute(self: MedicalBenchmarkJob) -> None:
-        msg = f"job {self.spec.key} was recomputed"
+    def recompute(*args: object, **kwargs: object) -> None:
+        msg = f"a job was recomputed: {args}"
         raise AssertionError(msg)
 
-    monkeypatch.setattr(MedicalBenchmarkJob, "run", recompute)
+    monkeypatch.setattr(run.subprocess, "call", recompute)
     capsys.readouterr()
     assert run.main(argv) == 0
-    assert "2 of 2 job(s) already done; running 0" in capsys.readouterr().out
+    assert "4 of 4 job(s) already done; running 0" in capsys.readouterr().out
     assert pd.read_csv(run_dir / "results.csv").image_AUROC.tolist() == results.image_AUROC.tolist()
 
 
-def test_a_failing_job_is_printed_and_recorded(
-    covid_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    def broken(name: str, settings: ModelSettings) -> None:
-        msg = f"{name} exploded"
-        raise RuntimeError(msg)
-
-    monkeypatch.setattr("benchmarks.jobs.build_model", broken)
+def test_a_failing_job_is_printed_and_recorded(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = [
         *("--datasets", "covid", "--models", "padim", "--seeds", "1024", "--backbone", LITE0_BACKBONE),
-        *("--dataset-root", f"covid={covid_root}", "--output-dir", str(tmp_path), "--run", "broken"),
+        *("--dataset-root", f"covid={tmp_path / 'missing'}", "--output-dir", str(tmp_path), "--run", "broken"),
     ]
     assert run.main(argv) == 1
     out = capsys.readouterr().out
-    assert "covid__padim__paper__seed1024: ERROR: RuntimeError: padim exploded" in out
+    assert "covid__padim__paper__seed1024: ERROR: " in out
     assert "Traceback" in out
     row = pd.read_csv(tmp_path / "broken" / "results.csv").iloc[0]
     assert row.status == "error"
-    assert row.error == "RuntimeError: padim exploded"
+    assert "missing" in row.error
     assert "NOT RUN: padim on covid: error" in out
+
+
+def test_a_job_process_that_dies_is_recorded_as_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(run.subprocess, "call", lambda *args, **kwargs: -9)  # as if the OOM killer ended it
+    argv = [
+        *("--datasets", "covid", "--models", "padim", "--seeds", "1024", "--backbone", LITE0_BACKBONE),
+        *("--output-dir", str(tmp_path), "--run", "killed"),
+    ]
+    assert run.main(argv) == 1
+    assert "ERROR: job process exited with code -9 (signal 9" in capsys.readouterr().out
+    assert pd.read_csv(tmp_path / "killed" / "results.csv").iloc[0].status == "error"
 
 
 def test_busi_run_writes_pixel_metrics_for_every_model_and_a_visual_report(

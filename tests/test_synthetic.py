@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from anomalib_adfa.synthetic import make_phantom_dataset
+from anomalib_adfa.synthetic import body_region, implant_lesion, make_phantom_dataset
 
 SIZE = 96
 
@@ -118,3 +118,35 @@ def test_existing_dataset_needs_overwrite(tmp_path: Path) -> None:
 def test_bad_arguments(tmp_path: Path, kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         make_phantom_dataset(tmp_path, **kwargs)
+
+
+def _brain_image(brainmri_root: Path) -> np.ndarray:
+    with Image.open(brainmri_root / "no" / "10 no.jpg") as image:
+        return np.asarray(image.convert("RGB").resize((160, 160)), dtype=np.float64) / 255
+
+
+def test_implanted_lesion_lies_in_the_body_and_changes_only_its_support(brainmri_root: Path) -> None:
+    image = _brain_image(brainmri_root)
+    body = body_region(image.mean(axis=2))
+    assert 0.3 < body.mean() < 0.9  # a head on a black background
+    for seed in range(5):
+        implanted, mask = implant_lesion(image, np.random.default_rng(seed))
+        assert implanted.shape == image.shape
+        assert 0 < mask.sum() < 0.1 * mask.size
+        assert body[mask].all()
+        changed = np.abs(implanted - image).max(axis=2) > 0.5 / 255  # half a grey level
+        assert changed[mask].mean() > 0.9
+        # Beyond the soft edge (a few pixels) the image is unchanged to within half a grey level.
+        assert not changed[~ndimage.binary_dilation(mask, iterations=12)].any()
+        assert np.abs(implanted - image)[mask].mean() > 0.05  # visible, not a faint texture
+        again, _ = implant_lesion(image, np.random.default_rng(seed))
+        assert np.array_equal(again, implanted)
+
+
+def test_implant_needs_room_and_an_image(brainmri_root: Path) -> None:
+    thin = np.zeros((64, 64))
+    thin[30:33] = 0.8  # a 3-pixel band: no room for a lesion
+    with pytest.raises(ValueError, match="too thin for a lesion"):
+        implant_lesion(thin, np.random.default_rng(0))
+    with pytest.raises(ValueError, match=r"\(H, W\) or \(H, W, C\)"):
+        implant_lesion(_brain_image(brainmri_root)[None], np.random.default_rng(0))
