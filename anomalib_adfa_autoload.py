@@ -12,6 +12,18 @@ When ``anomalib.models`` is first imported from inside an ``anomalib_adfa`` modu
 ``import anomalib_adfa.torch_model``), the plugin modules would import that half-initialised
 module back; the finder then waits until the outermost ``anomalib_adfa`` module has finished
 and imports them then.
+
+Two more registrations, both explicit here and limited to what anomalib looks up:
+
+- ``anomalib.models.get_model`` and ``anomalib.data.get_datamodule`` (used by ``anomalib
+  benchmark``) find a configured ``class_path`` only as an attribute of ``anomalib.models`` /
+  ``anomalib.data``; ``Adfa`` and the plugin's datamodules (``BrainMRI``, ``Covid``, ...) are added
+  there by name, never replacing one of anomalib's.
+- In the ``anomalib`` command line (the process that imports ``anomalib.cli.cli``), once that
+  module has installed its traceback display, the plugin's input errors (bad data, options,
+  weights) are shown as their one message (:func:`anomalib_adfa.errors.install_cli_excepthook`),
+  and two deprecation warnings of anomalib's own imports (timm's moved layers, anomalib's DINOv2
+  package) are hidden there.
 """
 
 from __future__ import annotations
@@ -20,11 +32,22 @@ import importlib
 import importlib.abc
 import importlib.machinery
 import sys
+import warnings
 from types import ModuleType
 
 TRIGGER = "anomalib.models"
+CLI_MODULE = "anomalib.cli.cli"
 PACKAGE = "anomalib_adfa"
 PLUGIN_MODULES = ("anomalib_adfa.lightning_model", "anomalib_adfa.data")
+NAMESPACES = (
+    ("anomalib.models", "anomalib_adfa", "AnomalibModule"),
+    ("anomalib.data", "anomalib_adfa.data", "AnomalibDataModule"),
+)
+"""anomalib namespace, plugin module and base class of the names that ``get_model`` / ``get_datamodule`` look up."""
+_CLI_IMPORT_WARNINGS = (
+    r"Importing from timm\.models\.layers is deprecated",
+    r"The anomalib\.models\.components\.dinov2",
+)
 
 
 class _ImportAfterLoader(importlib.abc.Loader):
@@ -47,6 +70,15 @@ class _ImportAfterLoader(importlib.abc.Loader):
         module.__spec__.loader = self.inner
         module.__loader__ = self.inner
         finder = self.finder
+        if module.__name__ == CLI_MODULE:
+            # anomalib's own imports warn about deprecations inside anomalib and timm that a user cannot act on.
+            for message in _CLI_IMPORT_WARNINGS:
+                warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+            self.inner.exec_module(module)
+            from anomalib_adfa.errors import install_cli_excepthook
+
+            install_cli_excepthook()
+            return
         if self.trigger:
             self.inner.exec_module(module)
             finder.triggered = True
@@ -61,14 +93,14 @@ class _ImportAfterLoader(importlib.abc.Loader):
 
 
 class _AnomalibModelsFinder(importlib.abc.MetaPathFinder):
-    """Finder that watches ``anomalib.models`` and, until the plugin is imported, the plugin's own modules."""
+    """Finder that watches ``anomalib.models``, anomalib's CLI module and, until the plugin is imported, its own."""
 
     def __init__(self) -> None:
         self.depth = 0  # anomalib_adfa modules being executed right now
         self.triggered = False
 
     def find_spec(self, fullname: str, path, target=None) -> importlib.machinery.ModuleSpec | None:
-        if fullname != TRIGGER and fullname.partition(".")[0] != PACKAGE:
+        if fullname not in {TRIGGER, CLI_MODULE} and fullname.partition(".")[0] != PACKAGE:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -96,6 +128,23 @@ def _import_plugins() -> None:
         module = importlib.import_module(name)
         for attribute in getattr(module, "__all__", ()):
             getattr(module, attribute)
+    _register_names()
+
+
+def _register_names() -> None:
+    """Make ``get_model({"class_path": "Adfa"})`` and ``get_datamodule({"class_path": "BrainMRI"})`` work.
+
+    Both look a dictionary's ``class_path`` up as an attribute of ``anomalib.models`` / ``anomalib.data``; the
+    plugin's model and datamodules are added there by name, never replacing one of anomalib's.
+    """
+    for namespace_name, plugin_name, base_name in NAMESPACES:
+        namespace = importlib.import_module(namespace_name)
+        plugin = importlib.import_module(plugin_name)
+        base = getattr(namespace, base_name)
+        for name in plugin.__all__:
+            value = getattr(plugin, name)
+            if isinstance(value, type) and issubclass(value, base) and not hasattr(namespace, name):
+                setattr(namespace, name, value)
 
 
 def install() -> None:

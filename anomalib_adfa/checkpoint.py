@@ -36,6 +36,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from anomalib_adfa.backbones import input_normalization_statistics
+from anomalib_adfa.errors import AdfaInputError
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ CONFIGURATION_KEY = "adfa_configuration"
 """Checkpoint entry holding :func:`effective_configuration` of the model that was saved."""
 
 
-class IncompatibleCheckpointError(ValueError):
+class IncompatibleCheckpointError(AdfaInputError, ValueError):
     """Raised when a checkpoint was trained with another ADFA configuration."""
 
 

@@ -242,6 +242,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = _build_parser()
     args = parser.parse_args(argv)
+    from anomalib_adfa.errors import AdfaInputError, format_user_error
+
+    try:
+        return _run_command(parser, args)
+    except AdfaInputError as error:  # bad data, options or weights: the message says what to fix
+        print(f"{parser.prog}: {format_user_error(error)}", file=sys.stderr)
+        return 2
+
+
+def _run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.command == "predict":
         from anomalib_adfa.predict import run
 

@@ -31,10 +31,12 @@ exports that model; every other model goes through anomalib's method untouched.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import logging
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +66,24 @@ def keep_float32_inference(xml_path: str | Path) -> None:
         if not any(attribute.get("name") == PRECISION_ATTRIBUTE for attribute in rt_info.iter("attribute")):
             ET.SubElement(rt_info, "attribute", {"name": PRECISION_ATTRIBUTE, "version": "0"})
     tree.write(xml_path, encoding="utf-8", xml_declaration=True)
+
+
+ONNX_PASS_LOGGERS = ("onnx_ir", "onnxscript", "torch.onnx")
+"""Loggers of the ONNX exporter's graph passes: at INFO (anomalib's CLI level) they log each pass, ~1,900 lines."""
+
+
+@contextlib.contextmanager
+def quiet_onnx_passes() -> Iterator[None]:
+    """Log the ONNX exporter's graph passes at WARNING and above while the block runs (their INFO is per-node)."""
+    loggers = [logging.getLogger(name) for name in ONNX_PASS_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def load_checkpoint_into(model: Any, ckpt_path: str | Path) -> None:

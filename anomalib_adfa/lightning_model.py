@@ -39,7 +39,13 @@ from torchvision.transforms.v2 import CenterCrop, Compose, Normalize, Resize
 from anomalib_adfa.backbones import NORMALIZATIONS, backbone_normalization, stage_layers
 from anomalib_adfa.checkpoint import CONFIGURATION_KEY, check_compatibility, effective_configuration
 from anomalib_adfa.descriptor import PUBLIC_ATTENTION_KERNEL
-from anomalib_adfa.export import ONNX_OPSET_VERSION, install_export_guard, keep_float32_inference
+from anomalib_adfa.errors import ConfigurationError
+from anomalib_adfa.export import (
+    ONNX_OPSET_VERSION,
+    install_export_guard,
+    keep_float32_inference,
+    quiet_onnx_passes,
+)
 from anomalib_adfa.feature_cache import FeatureCache, random_transform_reason
 from anomalib_adfa.loss import AdfaLoss
 from anomalib_adfa.mask_frame import FramedPreProcessor, MaskResolution
@@ -62,7 +68,8 @@ class Adfa(AnomalibModule):
         layers: Backbone layers to concatenate (largest map first); ``None`` (default): the backbone's
             stride-4/8/16 stages (layer1-3 for WR50, ``blocks.1/2/4`` for EfficientNet-Lite0).
         pre_trained: Use ImageNet weights (``backbone_weights`` if given, else timm's hub).
-        backbone_weights: Local weights file for the backbone, for offline machines.
+        backbone_weights: Local weights file for the backbone, for offline machines, or ``"packaged"``: the ImageNet
+            weights of the ``lite0`` extra (``tf_efficientnet_lite0`` only).
         gamma_d: Channel reduction of the descriptor, ``D' = D // gamma_d``.
         attention_eps: Weight of the channel attention branch (``0`` disables it).
         attention_kernel: Kernel of the attention conv: ``9`` (public code) or ``"eca"`` (paper).
@@ -181,8 +188,11 @@ class Adfa(AnomalibModule):
         steps: list[Any] = [Resize(image_size, antialias=True)]
         if center_crop_size is not None:
             if center_crop_size[0] > image_size[0] or center_crop_size[1] > image_size[1]:
-                msg = f"center_crop_size {tuple(center_crop_size)} is larger than image_size {image_size}"
-                raise ValueError(msg)
+                msg = (
+                    f"--model.center_crop_size {tuple(center_crop_size)} is larger than --model.image_size "
+                    f"{image_size}; give a crop at most the image size, or null for none"
+                )
+                raise ConfigurationError(msg)
             steps.append(CenterCrop(tuple(center_crop_size)))
         steps.append(Normalize(mean=list(mean), std=list(std)))
         return FramedPreProcessor(transform=Compose(steps), mask_resolution=mask_resolution)
@@ -213,7 +223,12 @@ class Adfa(AnomalibModule):
 
     # ------------------------------------------------------------------ training
     def on_train_start(self) -> None:
-        """Fix the centre bank from the training images before the first step (unless loaded)."""
+        """Fix the centre bank from the training images before the first step (unless loaded).
+
+        Also resets the reference of ``train_loss_rel`` (the progress bar's loss: the epoch's mean loss over the
+        loss of this run's first training step).
+        """
+        self._first_loss: torch.Tensor | None = None
         if self.feature_cache is not None:
             reason = random_transform_reason(self._train_augmentations())
             if reason is None:
@@ -298,15 +313,12 @@ class Adfa(AnomalibModule):
         del args, kwargs
         features = self._features(batch.image, getattr(batch, "image_path", None))
         loss = self.loss(self.model(batch.image, features))
-        self.log(
-            "train_loss",
-            loss,
-            on_step=False,
-            on_epoch=True,
-            prog_bar=True,
-            batch_size=batch.image.shape[0],
-            sync_dist=True,
-        )
+        if getattr(self, "_first_loss", None) is None:
+            self._first_loss = loss.detach().abs().clamp_min(torch.finfo(loss.dtype).tiny)
+        logged = {"batch_size": batch.image.shape[0], "on_step": False, "on_epoch": True, "sync_dist": True}
+        self.log("train_loss", loss, **logged)
+        # The raw loss (a mean weighted patch distance) runs to 1e5 and says little; the bar shows it relative.
+        self.log("train_loss_rel", loss.detach() / self._first_loss, prog_bar=True, **logged)
         return {"loss": loss}
 
     def on_train_epoch_start(self) -> None:
@@ -380,10 +392,12 @@ class Adfa(AnomalibModule):
     ) -> Path:
         """Export to ONNX as anomalib does, with opset :data:`ONNX_OPSET_VERSION` unless ``opset_version`` is given.
 
-        ``to_openvino`` converts through this method, so it gets the same default.
+        ``to_openvino`` converts through this method, so it gets the same default. The exporter's per-pass INFO
+        logging is silenced (:func:`~anomalib_adfa.export.quiet_onnx_passes`).
         """
         kwargs.setdefault("opset_version", ONNX_OPSET_VERSION)
-        return super().to_onnx(export_root, model_file_name, input_size, **kwargs)
+        with quiet_onnx_passes():
+            return super().to_onnx(export_root, model_file_name, input_size, **kwargs)
 
     def to_openvino(
         self,

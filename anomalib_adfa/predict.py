@@ -32,6 +32,7 @@ from PIL import Image
 
 from anomalib_adfa.data.dicom import ReadOptions
 from anomalib_adfa.data.layout import find_image_files
+from anomalib_adfa.errors import ConfigurationError
 
 CSV_COLUMNS = ("image_path", "pred_score", "pred_label")
 EXPORT_EXTRA = 'pip install "anomalib-adfa[export]"'
@@ -231,11 +232,14 @@ def _run(args: argparse.Namespace) -> int:
     options = ReadOptions(
         window=args.window, window_center=args.window_center, window_width=args.window_width, frame=args.frame
     )
+    scores = args.output / "scores.csv"
+    if scores.exists():
+        msg = f"--output {args.output} already holds scores.csv; give a new folder (nothing is overwritten)"
+        raise ConfigurationError(msg)
     model = ExportedModel(args.model, device=args.device)
     images = find_image_files(args.inputs)
     overlay_dir = None if args.no_overlays else args.output / "overlays"
     predictions = predict(model, images, options, overlay_dir)
-    scores = args.output / "scores.csv"
     write_scores(predictions, scores)
     for prediction in predictions:
         print(f"{prediction.path}: score={prediction.score:.4f} label={prediction.label}")

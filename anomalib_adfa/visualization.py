@@ -22,6 +22,7 @@ from anomalib.visualization.image.item_visualizer import visualize_image_item
 from PIL import Image
 
 from anomalib_adfa.data.image import load_image
+from anomalib_adfa.outputs import prediction_folder
 
 if TYPE_CHECKING:
     from anomalib.data import ImageBatch, ImageItem
@@ -46,7 +47,16 @@ def _as_read(item: ImageItem, options: ReadOptions | None) -> ImageItem:
 
 
 class MedicalImageVisualizer(ImageVisualizer):
-    """anomalib's image visualiser, reading images with the project's reader and writing PNG where needed."""
+    """anomalib's image visualiser, reading images with the project's reader and writing PNG where needed.
+
+    Without an ``output_dir``, test images go to ``<default_root_dir>/images`` as in anomalib, and predictions to
+    ``<run of the checkpoint>/predictions/<n>/images`` (:func:`~anomalib_adfa.outputs.prediction_folder`).
+    """
+
+    def on_predict_start(self, trainer: Trainer, pl_module: AnomalibModule) -> None:
+        del pl_module
+        if self.output_dir is None or getattr(self, "_chosen_output_dir", None) == self.output_dir:
+            self.output_dir = self._chosen_output_dir = prediction_folder(trainer) / "images"
 
     def on_test_batch_end(
         self,

@@ -13,12 +13,15 @@ from skimage.data import chelsea
 from anomalib_adfa import backbones
 from anomalib_adfa.backbones import (
     LITE0_LAYERS,
+    OFFLINE_HINT,
+    PACKAGED_WEIGHTS,
     backbone_normalization,
     create_feature_extractor,
     efficientnet_lite0_weights,
     load_state_dict_file,
     stage_layers,
 )
+from anomalib_adfa.errors import BackboneWeightsError
 
 LITE0 = "tf_efficientnet_lite0"
 
@@ -136,7 +139,7 @@ def test_weights_accepted_under_state_dict_and_model_keys(lite0_weights: Path, t
 
 def test_missing_weights_file_is_named(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere" / "wr50.pth"
-    with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
+    with pytest.raises(BackboneWeightsError, match=re.escape(f"--model.backbone_weights: no such file: {missing}")):
         create_feature_extractor("wide_resnet50_2", ("layer1",), weights=missing)
 
 
@@ -196,7 +199,7 @@ def test_layers_out_of_order_or_empty_are_rejected() -> None:
         create_feature_extractor("resnet18", (), pre_trained=False)
 
 
-def test_failed_download_suggests_local_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_download_names_the_offline_options(monkeypatch: pytest.MonkeyPatch) -> None:
     real_create = timm.create_model
 
     def offline_create(name: str, pretrained: bool = False, **kwargs):
@@ -205,9 +208,46 @@ def test_failed_download_suggests_local_weights(monkeypatch: pytest.MonkeyPatch)
         return real_create(name, pretrained=pretrained, **kwargs)
 
     monkeypatch.setattr(timm, "create_model", offline_create)
-    with pytest.raises(RuntimeError, match="backbone_weights=") as error:
+    monkeypatch.setattr(backbones, "_hub_reachable", lambda: True)
+    with pytest.raises(BackboneWeightsError, match="no network") as error:
         create_feature_extractor("resnet18", ("layer1",), pre_trained=True)
-    assert "no network" in str(error.value)
+    assert OFFLINE_HINT in str(error.value)
+
+
+def test_unreachable_hub_fails_at_once_or_uses_the_local_hub_cache(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    def no_download(*args, **kwargs):
+        raise AssertionError("the hub must not be asked")
+
+    monkeypatch.setattr(backbones, "_hub_reachable", lambda: False)
+    monkeypatch.setattr(backbones, "_cached_hub_file", lambda backbone: None)
+    monkeypatch.setattr(timm.models._builder, "load_state_dict_from_hf", no_download)
+    with pytest.raises(BackboneWeightsError, match=r"--model\.backbone resnet18: its ImageNet weights are not in the"):
+        create_feature_extractor("resnet18", ("layer1",), pre_trained=True)
+    # An earlier download in the hub cache is used as a local file.
+    state_dict = timm.create_model("resnet18", pretrained=False).state_dict()
+    cached = tmp_path / "pytorch_model.bin"
+    torch.save(state_dict, cached)
+    monkeypatch.setattr(backbones, "_cached_hub_file", lambda backbone: str(cached))
+    extractor = create_feature_extractor("resnet18", ("layer1",), pre_trained=True)
+    assert torch.equal(extractor.model.conv1.weight, state_dict["conv1.weight"])
+
+
+def test_hub_probe_honours_offline_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert not backbones._hub_reachable()
+
+
+def test_packaged_weights_are_the_lite0_file(lite0_weights: Path) -> None:
+    assert backbones.packaged_weights(LITE0) == efficientnet_lite0_weights()
+    extractor = create_feature_extractor(LITE0, weights=PACKAGED_WEIGHTS)
+    expected = load_state_dict_file(efficientnet_lite0_weights())["conv_stem.weight"]
+    assert torch.equal(extractor.model.conv_stem.weight, expected)
+    with pytest.raises(BackboneWeightsError, match=r"packaged weights exist only for tf_efficientnet_lite0"):
+        create_feature_extractor("resnet18", ("layer1",), weights=PACKAGED_WEIGHTS)
 
 
 def test_backbone_normalization() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -42,3 +44,19 @@ def test_checkpoint_monitors_the_quantity_in_its_direction() -> None:
     assert (normal.monitor, normal.mode) == ("val_normal_score", "min")
     with pytest.raises(ValueError, match="unknown selection quantity"):
         LabelFreeCheckpoint(quantity="test_auroc")
+
+
+def test_score_csv_writer_never_replaces_a_file(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from anomalib_adfa.callbacks import ScoreCSVWriter
+    from anomalib_adfa.errors import ConfigurationError
+
+    earlier = tmp_path / "scores.csv"
+    earlier.write_text("earlier\n")
+    trainer = SimpleNamespace(world_size=1, global_rank=0, default_root_dir=str(tmp_path), ckpt_path=None)
+    with pytest.raises(ConfigurationError, match=r"scores\.csv exists; give a new file name"):
+        ScoreCSVWriter(csv_path=earlier).on_predict_end(trainer, None)
+    assert earlier.read_text() == "earlier\n"
+    ScoreCSVWriter().on_predict_end(trainer, None)  # the default: a new folder of the run
+    assert (tmp_path / "predictions" / "0" / "scores.csv").read_text().startswith("image_path,pred_score,pred_label")

@@ -186,3 +186,29 @@ def test_anomalib_test_prints_the_pixel_metrics(localisation_runs: dict[str, Pat
         assert 0.0 <= metrics["pixel_AUPRO@fpr0.3"] <= 1.0
     predictions = pd.read_csv(localisation_runs["phantom"] / REPORT_DATA_DIR / "predictions.csv")
     assert set(predictions.gt_label) == {0, 1}
+
+
+def test_pixel_metrics_are_left_out_without_masks() -> None:
+    from types import SimpleNamespace
+
+    from anomalib.data import ImageBatch
+
+    from anomalib_adfa import Adfa
+
+    evaluator = Adfa.configure_evaluator()
+    labels = torch.tensor([0, 1, 0, 1])
+    batch = ImageBatch(
+        image=torch.rand(4, 3, 8, 8),
+        gt_label=labels,
+        pred_score=torch.tensor([0.1, 0.9, 0.3, 0.7]),
+        pred_label=labels.bool(),
+        anomaly_map=torch.rand(4, 8, 8),
+    )  # no gt_mask: a test set without lesion masks
+    for metric in evaluator.test_metrics:
+        metric.update(batch)
+    logged: list[str] = []
+    evaluator.log = lambda name, metric: logged.append(name)
+    evaluator.on_test_epoch_end(SimpleNamespace(barebones=False), None)
+    assert "image_AUROC" in logged
+    assert not [name for name in logged if name.startswith("pixel_")]
+    assert {metric.name for metric in evaluator.test_metrics if metric.name.startswith("pixel_")}  # they exist

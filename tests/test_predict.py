@@ -221,3 +221,15 @@ def test_read_options_reach_the_exported_model_predictor(
     assert second_frame.score == pytest.approx(second_png.score, abs=1e-6)
     np.testing.assert_allclose(second_frame.anomaly_map, second_png.anomaly_map, atol=1e-6)
     assert [path.name for path in (tmp_path / "overlays").iterdir()] == ["cine.dcm.png"]
+
+
+def test_an_earlier_score_table_is_never_overwritten(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from anomalib_adfa.predict import main
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "scores.csv").write_text("earlier\n")
+    with pytest.raises(SystemExit) as stop:
+        main([str(tmp_path / "model.onnx"), str(tmp_path), "--output", str(tmp_path / "out")])
+    assert stop.value.code == 2
+    assert "already holds scores.csv; give a new folder" in capsys.readouterr().err
+    assert (tmp_path / "out" / "scores.csv").read_text() == "earlier\n"

@@ -1,7 +1,9 @@
 """Errors raised when a dataset folder cannot be used as it is."""
 
+from anomalib_adfa.errors import AdfaInputError
 
-class DatasetLayoutError(ValueError):
+
+class DatasetLayoutError(AdfaInputError, ValueError):
     """The dataset root is missing or its folders do not match the expected layout.
 
     The message names the root that was given, draws the expected layout, lists what was
@@ -9,7 +11,7 @@ class DatasetLayoutError(ValueError):
     """
 
 
-class CorruptImageError(ValueError):
+class CorruptImageError(AdfaInputError, ValueError):
     """One or more image or mask files cannot be used as they are.
 
     Corrupt, truncated or not an image; a DICOM file the reader cannot turn into an image (no pixel

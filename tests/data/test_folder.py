@@ -170,17 +170,20 @@ def test_cli_trains_tests_and_predicts_on_a_dicom_folder(
     predict = [
         str(ANOMALIB), "predict", *model, "--ckpt_path", str(checkpoint),
         "--data", "anomalib_adfa.data.MedicalFolder", "--data.predict_dir", str(phantom_dicoms / "test"),
-        "--trainer.callbacks+=anomalib_adfa.callbacks.ScoreCSVWriter", "--default_root_dir", str(tmp_path / "predict"),
+        "--trainer.callbacks+=anomalib_adfa.callbacks.ScoreCSVWriter",
     ]  # fmt: skip
     result = subprocess.run(predict, capture_output=True, text=True, cwd=tmp_path, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
-    (scores,) = (tmp_path / "predict").rglob("scores.csv")
+    # Predictions land in a new folder of the checkpoint's run (anomalib_adfa.outputs).
+    (predictions,) = (tmp_path / "train").rglob("predictions/0")
+    assert predictions.parent.parent == checkpoint.parents[2]
+    (scores,) = predictions.rglob("scores.csv")
     with scores.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     inputs = sorted(path for path in (phantom_dicoms / "test").rglob("*") if path.is_file())
     assert sorted(Path(row["image_path"]) for row in rows) == inputs
     assert all(0.0 <= float(row["pred_score"]) <= 1.0 for row in rows)
-    overlays = {path.name for path in (tmp_path / "predict").rglob("*.png")}
+    overlays = {path.name for path in (predictions / "images").rglob("*.png")}
     assert overlays == {f"{path.name}.png" for path in inputs}
     for output in tmp_path.rglob("*"):
         if output.is_file():
