@@ -169,7 +169,7 @@ class OperatingPointEvaluator(Evaluator):
             self.decisions.update(batch.pred_label.reshape(-1).long().to(labels.device), labels)
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Print and log the operating point, then log anomalib's metrics."""
+        """Print and log the operating point, then log anomalib's metrics that were updated."""
         if self.decisions.update_called:
             tp, fp, tn, fn, _ = (int(value) for value in self.decisions.compute())  # synchronised across devices
             self.summary = summarise(getattr(pl_module, "post_processor", None), tp, fp, tn, fn)
@@ -178,7 +178,16 @@ class OperatingPointEvaluator(Evaluator):
                 print(text)
             for name, value in self.summary.metrics().items():
                 pl_module.log(name, value)
-        super().on_test_epoch_end(trainer, pl_module)
+        # As anomalib's Evaluator, but only the metrics that received data: torchmetrics warns for each one never
+        # updated (the four pixel metrics of a test set without masks), and they have no value to log.
+        for metric in self.test_metrics:
+            if not metric.update_called:
+                continue
+            self.log(metric.name, metric)
+            if trainer.barebones:  # anomalib's way of filling the results when logging is disabled
+                value = metric.compute()
+                trainer.callback_metrics[metric.name] = value
+                trainer.logged_metrics[metric.name] = value
 
 
 def summarise(post_processor: Any, tp: int, fp: int, tn: int, fn: int) -> OperatingPointSummary:

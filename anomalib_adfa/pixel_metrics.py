@@ -99,22 +99,6 @@ class LocalisationEvaluator(OperatingPointEvaluator):
                 metric.name = f"{base}@{label}"
         super().setup(trainer, pl_module, stage)
 
-    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Log the test metrics that received data, as anomalib does: the pixel metrics only if there were masks.
-
-        anomalib logs every metric, and torchmetrics warns for each one never updated (four pixel metrics on a
-        test set without masks); those metrics have no value, so they are left out.
-        """
-        del pl_module
-        for metric in self.test_metrics:
-            if not metric.update_called:
-                continue
-            self.log(metric.name, metric)
-            if trainer.barebones:  # anomalib's way of filling the results when logging is disabled
-                value = metric.compute()
-                trainer.callback_metrics[metric.name] = value
-                trainer.logged_metrics[metric.name] = value
-
 
 def threshold_label(post_processor: Any, val_split_mode: Any, level: str = "pixel") -> str:
     """Say where a post-processor's pixel (or image) threshold comes from.

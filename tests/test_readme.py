@@ -29,8 +29,6 @@ NOT_RUN = {
     "python -m pytest": "this test runs inside pytest",
     "anomalib train --config configs/adfa.yaml": "WR50 weights come from the Hugging Face hub (the README says how)",
     "python -m benchmarks.run": "hours of training; benchmarks/ has its own tests",
-    "anomalib train --model Adfa --data anomalib_adfa.data.BrainMRI --data.root ~/data/brain_tumor_dataset \\\n"
-    "    --data.val_split_mode synthetic": "placeholder <lite0 weights> (section owned by the validation work)",
     "anomalib test --model Adfa ...": "placeholder (section owned by the localisation work)",
     "anomalib-adfa report results/Adfa/BUSI/v0": "needs the BUSI run of the line above",
     "anomalib train --model Adfa --data BrainMRI --data.root ~/data/brain_tumor_dataset \\\n"
