@@ -357,6 +357,7 @@ class MedicalBenchmarkJob(BenchmarkJob):
 
         The normals behind the threshold are the validation normals, or under ``crossfit`` the out-of-fold scores.
         Intervals: bootstrap (resampling those normals and the test images) and Clopper-Pearson (test images only).
+        A diagnostic, not a decision: the share of test normals above the median of the normals behind the threshold.
         """
         if crossfit is not None:
             val_scores = val_normal = crossfit.scores.numpy()
@@ -383,6 +384,9 @@ class MedicalBenchmarkJob(BenchmarkJob):
             "test_specificity_ci_low": point.specificity_ci.low,
             "test_specificity_ci_high": point.specificity_ci.high,
             "calibration_gap": point.specificity - TARGET_SPECIFICITY,
+            # 0.5 when the normals behind the threshold score like new normals (exchangeable); below it when the
+            # model that scored them (a fold model under crossfit) scores normals higher than the deployed model.
+            "test_normals_above_calibration_median": float((scores[labels == 0] > np.median(val_normal)).mean()),
             "threshold_mismatch": bool(not np.isclose(fitted, point.threshold, rtol=1e-5, atol=1e-6)),
         }
 

@@ -37,6 +37,7 @@ _SUMMARY_METRICS = (
     "test_specificity_cp_high",
     "threshold_normals",
     "calibration_gap",
+    "test_normals_above_calibration_median",
     "anomalib_image_AUPR",
     "anomalib_image_Sensitivity_at_Spec95",
     "anomalib_image_Sensitivity",
@@ -243,6 +244,7 @@ OPERATING_POINT_COLUMNS = (
     Column("Specificity [CP 95%]", "test_specificity", ("test_specificity_cp_low", "test_specificity_cp_high")),
     Column("n normals", "threshold_normals", digits=0),
     Column("Calibration gap", "calibration_gap", signed=True),
+    Column("Test normals > calib. median", "test_normals_above_calibration_median", digits=2),
     Column(
         "Spec. bootstrap CI", "test_specificity", ("test_specificity_ci_low", "test_specificity_ci_high"), bare=True
     ),

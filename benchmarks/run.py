@@ -334,9 +334,10 @@ def write_report(
         "",
         "Test sensitivity and specificity at that threshold (mean over seeds; [mean of the per-seed exact "
         "Clopper-Pearson 95% CIs over the test images]); n = normal images behind the threshold (validation normals, "
-        "or out-of-fold scores under `crossfit`); calibration gap = achieved test specificity - target; the bootstrap "
-        "CI of the specificity also resamples the n normals. The last column is the F1 at the best threshold chosen on "
-        "the test labels.",
+        "or out-of-fold scores under `crossfit`); calibration gap = achieved test specificity - target; test normals "
+        "> calib. median = share of the test normals scoring above the median of those n normals (0.5 if they score "
+        "like new normals; a diagnostic); the bootstrap CI of the specificity also resamples the n normals. The last "
+        "column is the F1 at the best threshold chosen on the test labels.",
         "",
         operating_point_table(summary, labels, datasets, protocols),
         "",

@@ -89,6 +89,8 @@ def test_crossfit_protocol_sets_the_operating_point_on_the_out_of_fold_scores() 
     assert (result["test_specificity_cp_low"], result["test_specificity_cp_high"]) == (low, high)
     flagged = int((scores[10:] > 20).sum())
     assert (result["test_sensitivity_cp_low"], result["test_sensitivity_cp_high"]) == clopper_pearson(flagged, 10)
+    # Median of the out-of-fold scores 10.5: the test normals above it (12.2 ... 22) are 5 of 10.
+    assert result["test_normals_above_calibration_median"] == int((scores[:10] > 10.5).sum()) / 10 == 0.5
 
 
 def _lite0_settings() -> ModelSettings:
