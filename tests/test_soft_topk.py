@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from anomalib_adfa.reference import hard_topk, selection_logits, soft_topk, solve_threshold, topk_weights
-from anomalib_adfa.soft_topk import TopKSettings, moment_start, nearest_subset_start
+from anomalib_adfa.scoring.logits import moment_start, nearest_subset_start
+from anomalib_adfa.scoring.plain import hard_topk, selection_logits, topk_weights
+from anomalib_adfa.scoring.soft_topk import TopKSettings, soft_topk, solve_threshold
 
 
 def sinkhorn_plan(cost: torch.Tensor, k: int, epsilon: float, iterations: int = 5000) -> torch.Tensor:

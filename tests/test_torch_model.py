@@ -4,8 +4,8 @@ import pytest
 import torch
 from anomalib.data import InferenceBatch
 
-from anomalib_adfa.reference import plain_scores
-from anomalib_adfa.soft_topk import TOPK_MODES
+from anomalib_adfa.scoring import TOPK_MODES
+from anomalib_adfa.scoring.plain import plain_scores
 from anomalib_adfa.torch_model import AdfaModel, CentersNotInitializedError
 
 LITE0 = {"backbone": "tf_efficientnet_lite0", "pre_trained": False}
