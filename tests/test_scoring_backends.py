@@ -1,5 +1,7 @@
 """The plain and the fused backend through the one interface the model uses, PatchScorer: same values and gradients."""
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -7,17 +9,12 @@ from anomalib_adfa.scoring import DISTANCE_MODES, TOPK_MODES, PatchScorer
 from anomalib_adfa.scoring.fused import is_traced
 from anomalib_adfa.scoring.scorer import resolve_backend
 
-
-def adfa_like(batch: int, patches: int, channels: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, ...]:
-    """Descriptors scattered around one centre per position, as after ADFA's centre initialisation."""
-    generator = torch.Generator().manual_seed(seed)
-    centers = torch.randn(patches, channels, generator=generator, dtype=dtype)
-    noise = torch.randn(batch, patches, channels, generator=generator, dtype=dtype)
-    upstream = torch.randn(batch, patches, generator=generator, dtype=dtype)
-    return (centers + 0.5 * noise).requires_grad_(), centers, upstream
+AdfaLike = Callable[..., tuple[torch.Tensor, ...]]
 
 
-def scores_and_gradient(scorer: PatchScorer, patches: torch.Tensor, centers: torch.Tensor, upstream: torch.Tensor):
+def scores_and_gradient(
+    scorer: PatchScorer, patches: torch.Tensor, centers: torch.Tensor, upstream: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     scores = scorer(patches, centers)
     (gradient,) = torch.autograd.grad(scores, patches, upstream)
     return scores.detach(), gradient
@@ -25,7 +22,7 @@ def scores_and_gradient(scorer: PatchScorer, patches: torch.Tensor, centers: tor
 
 @pytest.mark.parametrize("distance", DISTANCE_MODES)
 @pytest.mark.parametrize("mode", TOPK_MODES)
-def test_backends_agree_in_float64(mode: str, distance: str) -> None:
+def test_backends_agree_in_float64(mode: str, distance: str, adfa_like: AdfaLike) -> None:
     patches, centers, upstream = adfa_like(3, 49, 12, torch.float64, seed=0)
     results = {
         backend: scores_and_gradient(
@@ -39,7 +36,7 @@ def test_backends_agree_in_float64(mode: str, distance: str) -> None:
 
 @pytest.mark.parametrize("distance", DISTANCE_MODES)
 @pytest.mark.parametrize("mode", TOPK_MODES)
-def test_backends_agree_in_float32_with_their_default_steps(mode: str, distance: str) -> None:
+def test_backends_agree_in_float32_with_their_default_steps(mode: str, distance: str, adfa_like: AdfaLike) -> None:
     # The fused backend stops at the float32 tolerance, the plain one makes the mode's fixed number of steps.
     patches, centers, upstream = adfa_like(2, 196, 32, torch.float32, seed=1)
     plain = scores_and_gradient(PatchScorer(3, mode, distance=distance, backend="plain"), patches, centers, upstream)
@@ -48,7 +45,7 @@ def test_backends_agree_in_float32_with_their_default_steps(mode: str, distance:
         torch.testing.assert_close(ours, reference, rtol=2e-4, atol=1e-5 * reference.abs().max().item())
 
 
-def test_backends_agree_without_gradient() -> None:
+def test_backends_agree_without_gradient(adfa_like: AdfaLike) -> None:
     patches, centers, _ = adfa_like(2, 25, 6, torch.float64, seed=2)
     with torch.no_grad():
         plain = PatchScorer(3, "reference", num_iterations=40, backend="plain")(patches, centers)

@@ -1,6 +1,7 @@
 """The fused backend's parts: its chunks, searches, selection, memory and distance modes, against the plain forms."""
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -13,17 +14,7 @@ from anomalib_adfa.scoring.plain import plain_scores
 from anomalib_adfa.scoring.selection import selected_directions, selection_block, smallest_distances
 from anomalib_adfa.scoring.soft_topk import TOPK_MODES, TopKSettings, default_tolerance, solve_threshold
 
-
-def adfa_like(batch: int, patches: int, channels: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, ...]:
-    """Descriptors scattered around one centre per position, as after ADFA's centre initialisation."""
-    generator = torch.Generator().manual_seed(seed)
-    centers = torch.randn(patches, channels, generator=generator, dtype=dtype)
-    noise = torch.randn(batch, patches, channels, generator=generator, dtype=dtype)
-    return (
-        (centers + 0.5 * noise).requires_grad_(),
-        centers,
-        torch.randn(batch, patches, generator=generator, dtype=dtype),
-    )
+AdfaLike = Callable[..., tuple[torch.Tensor, ...]]
 
 
 def values_and_grads(scores: torch.Tensor, patches: torch.Tensor, upstream: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -31,21 +22,9 @@ def values_and_grads(scores: torch.Tensor, patches: torch.Tensor, upstream: torc
     return scores.detach(), grad
 
 
-@pytest.mark.parametrize("distance", DISTANCE_MODES)
 @pytest.mark.parametrize("mode", TOPK_MODES)
-def test_fused_scores_match_plain_float64(mode: str, distance: str) -> None:
-    patches, centers, upstream = adfa_like(3, 49, 12, torch.float64, seed=0)
-    topk = TopKSettings(3, mode, num_iterations=40)
-    plain = values_and_grads(plain_scores(patches, centers, distance, topk), patches, upstream)
-    # 500 elements per chunk: 3 patch rows of the 3 images, so 17 chunks with a short last one.
-    fused_scores = nearest_center_scores(patches, centers, distance, topk, chunk_elements=500)
-    fused = values_and_grads(fused_scores, patches, upstream)
-    for ours, reference in zip(fused, plain, strict=True):
-        torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-12)
-
-
-@pytest.mark.parametrize("mode", TOPK_MODES)
-def test_chunked_equals_unchunked(mode: str) -> None:
+def test_chunked_equals_unchunked(mode: str, adfa_like: AdfaLike) -> None:
+    # With test_scoring_backends (plain equals fused in one chunk), chunked fused scores equal the plain ones.
     patches, centers, upstream = adfa_like(2, 36, 8, torch.float64, seed=2)
     distance, topk = "kl_weighted", TopKSettings(3, mode, num_iterations=40)
     row_by_row = values_and_grads(nearest_center_scores(patches, centers, distance, topk, 1), patches, upstream)
@@ -54,7 +33,7 @@ def test_chunked_equals_unchunked(mode: str) -> None:
         torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
 
 
-def test_fused_scores_without_gradient_match_and_patch_on_its_centre() -> None:
+def test_fused_scores_without_gradient_match_and_patch_on_its_centre(adfa_like: AdfaLike) -> None:
     patches, centers, upstream = adfa_like(2, 25, 6, torch.float64, seed=3)
     with torch.no_grad():
         patches[0, 4] = centers[4]  # a zero distance: the clamp at 0 is active for rounding errors
@@ -67,7 +46,7 @@ def test_fused_scores_without_gradient_match_and_patch_on_its_centre() -> None:
         torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-10)
 
 
-def test_fused_scores_refuse_trainable_centres() -> None:
+def test_fused_scores_refuse_trainable_centres(adfa_like: AdfaLike) -> None:
     patches, centers, _ = adfa_like(1, 9, 4, torch.float64, seed=4)
     with pytest.raises(ValueError, match="centre bank as constant"):
         nearest_center_scores(patches, centers.requires_grad_(), "kl_weighted", TopKSettings())
@@ -174,7 +153,9 @@ def test_sharp_mode_on_its_nearest_centres_equals_the_full_rows(distance: str, m
 
 
 @pytest.mark.parametrize("mode", TOPK_MODES)
-def test_one_image_per_sweep_equals_whole_batch(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_one_image_per_sweep_equals_whole_batch(
+    mode: str, monkeypatch: pytest.MonkeyPatch, adfa_like: AdfaLike
+) -> None:
     patches, centers, upstream = adfa_like(3, 36, 8, torch.float64, seed=6)
     topk = TopKSettings(3, mode, num_iterations=40)
     whole = values_and_grads(nearest_center_scores(patches, centers, "kl_weighted", topk, 100), patches, upstream)
@@ -196,7 +177,9 @@ def test_chunk_sizes_follow_the_cache(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize("distance", ["kl_weighted", "euclidean"])
-def test_soft_sweeps_reuse_their_memory_and_return_none_of_it(distance: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_soft_sweeps_reuse_their_memory_and_return_none_of_it(
+    distance: str, monkeypatch: pytest.MonkeyPatch, adfa_like: AdfaLike
+) -> None:
     monkeypatch.setattr(modes, "sweep_memory", memory.SweepMemory())
     patches, centers, upstream = adfa_like(3, 49, 12, torch.float32, seed=8)
     topk = TopKSettings(3, "reference")

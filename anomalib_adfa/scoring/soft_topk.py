@@ -331,10 +331,9 @@ class SoftTopK(torch.autograd.Function):
         logits: torch.Tensor,
         k: int,
         num_iterations: int,
-        tol: float | None,
         start: torch.Tensor | None,
     ) -> torch.Tensor:  # type: ignore[override]
-        weights, slopes = _solve(logits.detach(), k, num_iterations, tol, start)[1]
+        weights, slopes = _solve(logits.detach(), k, num_iterations, None, start)[1]
         ctx.save_for_backward(slopes)
         return weights
 
@@ -344,27 +343,21 @@ class SoftTopK(torch.autograd.Function):
     ) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         (slopes,) = ctx.saved_tensors
         mean_grad = slope_mean(torch.linalg.vecdot(grad_weights, slopes).unsqueeze(-1), slopes.sum(-1, keepdim=True))
-        return topk_weight_grad(slopes, grad_weights, mean_grad), None, None, None, None
+        return topk_weight_grad(slopes, grad_weights, mean_grad), None, None, None
 
 
-def soft_topk(
-    logits: torch.Tensor,
-    k: int,
-    num_iterations: int = 8,
-    tol: float | None = None,
-    start: torch.Tensor | None = None,
-) -> torch.Tensor:
+def soft_topk(logits: torch.Tensor, k: int, num_iterations: int = 8, start: torch.Tensor | None = None) -> torch.Tensor:
     r"""Soft top-k weights :math:`z_i = \sigma(\tau + x_i)` summing to ``k`` along the last dimension.
 
     This is exactly :math:`n \Gamma^\star_{\cdot 0}` of the two-anchor entropic OT problem with
     :math:`x_i = (C_{i1} - C_{i0}) / \varepsilon`. Larger logits get larger weights; the gradient is the
-    implicit one of :class:`SoftTopK`.
+    implicit one of :class:`SoftTopK`. The search makes exactly ``num_iterations`` steps: no data-dependent exit,
+    so it traces, exports, and runs on a GPU without waiting on the device.
 
     Args:
         logits: Scores :math:`x`, shape ``(..., n)``.
         k: Number of selected elements.
-        num_iterations: Maximum number of solver steps.
-        tol: Optional relative tolerance for an early exit (eager mode only).
+        num_iterations: Number of solver steps.
         start: Optional first iterate of the threshold, ``(..., 1)`` (treated as a constant).
 
     Returns:
@@ -372,5 +365,5 @@ def soft_topk(
     """
     start = None if start is None else start.detach()
     if torch.is_grad_enabled() and logits.requires_grad:
-        return SoftTopK.apply(logits, k, num_iterations, tol, start)
-    return _solve(logits, k, num_iterations, tol, start)[1][0]
+        return SoftTopK.apply(logits, k, num_iterations, start)
+    return _solve(logits, k, num_iterations, None, start)[1][0]
