@@ -114,6 +114,7 @@ def test_a_failed_build_leaves_pytorchs_kernels_in_charge(
 ) -> None:
     monkeypatch.setenv("CXX", "no-such-compiler-here")
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # nothing built yet: the build must run
+    monkeypatch.setattr(native, "registered", lambda: False)  # as in a process that has not loaded them
     native.library.cache_clear()
     try:
         with caplog.at_level(logging.WARNING, logger="anomalib_adfa.scoring.native"):
@@ -131,4 +132,18 @@ def test_a_failed_build_leaves_pytorchs_kernels_in_charge(
         assert not list(tmp_path.rglob("*.so"))  # the bogus compiler built nothing
     finally:
         monkeypatch.undo()
+        native.library.cache_clear()
+
+
+@pytest.mark.usefixtures("native_built")
+def test_the_operators_are_loaded_once_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A second build and load would register the operators' namespace again, which PyTorch refuses.
+    def no_build() -> None:
+        pytest.fail("the operators are already loaded: they must not be built or loaded again")
+
+    native.library.cache_clear()
+    monkeypatch.setattr(native, "_build", no_build)
+    try:
+        assert native.library() is not None
+    finally:
         native.library.cache_clear()

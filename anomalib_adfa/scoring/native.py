@@ -63,13 +63,23 @@ def _build() -> None:
     )
 
 
+def registered() -> bool:
+    """Whether this process already holds the operators (built and loaded once; a second load would fail)."""
+    try:
+        torch.ops.anomalib_adfa.weight_sums  # noqa: B018
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
 @functools.cache
 def library() -> object | None:
     """Return the operators' namespace ``torch.ops.anomalib_adfa``, built on first use; ``None`` where it cannot be."""
     if os.environ.get(ENVIRONMENT_SWITCH, "1") == "0":
         return None
     try:
-        _build()
+        if not registered():
+            _build()
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
         detail = str(err).strip()
         logger.warning(

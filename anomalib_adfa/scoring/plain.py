@@ -18,20 +18,7 @@ from anomalib_adfa.scoring.soft_topk import TopKMode, TopKSettings, soft_topk
 
 
 def logit_map(distances: torch.Tensor, mode: TopKMode, k: int, epsilon: float) -> LogitMap:
-    """Logit map of a soft mode for a full ``(B, T, N)`` distance tensor (see :func:`selection_logits`)."""
-    distances = distances.detach()
-    if mode == "reference":
-        return reference_logit_map(
-            distances.amin(dim=(1, 2), keepdim=True), distances.amax(dim=(1, 2), keepdim=True), epsilon
-        )
-    if mode == "sharp":
-        return sharp_logit_map(torch.topk(distances, k + 1, dim=-1, largest=False).values, k, epsilon)
-    msg = f"selection_logits has no soft form for mode {mode!r}"
-    raise ValueError(msg)
-
-
-def selection_logits(distances: torch.Tensor, mode: TopKMode, k: int, epsilon: float) -> torch.Tensor:
-    r"""Turn distances into soft top-k logits that favour the ``k`` smallest distances.
+    r"""Logit map of a soft mode for a full distance tensor: logits that favour the ``k`` smallest distances.
 
     Both soft modes use the OT cost :math:`(d - a)^2 / M` with anchors ``a`` in ``{0, 1}``, so
     :math:`x = (1 - 2 d) / (M \varepsilon)`; they differ only in the detached normaliser ``M``:
@@ -52,9 +39,21 @@ def selection_logits(distances: torch.Tensor, mode: TopKMode, k: int, epsilon: f
         epsilon: Entropic regularisation of the OT problem.
 
     Returns:
-        Logits of shape ``(B, T, N)``.
+        The map (with detached coefficients and the mode's search start); ``map(distances)`` are the logits
+        ``(B, T, N)``.
+
+    Raises:
+        ValueError: For ``"hard"``, which has no logits.
     """
-    return logit_map(distances, mode, k, epsilon)(distances)
+    distances = distances.detach()
+    if mode == "reference":
+        return reference_logit_map(
+            distances.amin(dim=(1, 2), keepdim=True), distances.amax(dim=(1, 2), keepdim=True), epsilon
+        )
+    if mode == "sharp":
+        return sharp_logit_map(torch.topk(distances, k + 1, dim=-1, largest=False).values, k, epsilon)
+    msg = f"topk_mode {mode!r} has no soft logits; use hard_topk for it"
+    raise ValueError(msg)
 
 
 def hard_topk(distances: torch.Tensor, k: int) -> torch.Tensor:
