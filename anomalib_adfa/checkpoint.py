@@ -16,7 +16,8 @@ that the groups cover the signature, so a new argument cannot be forgotten):
   where the initial backbone weights came from: the backbone's weights are part of the state dict,
   so a loaded model computes the checkpoint's features whatever it was initialised with), or only
   decide where evaluation compares the maps with masks (``mask_resolution``: the model's maps are
-  unchanged, see :mod:`anomalib_adfa.mask_frame`).
+  unchanged, see :mod:`anomalib_adfa.mask_frame`), or only choose how the same scores are computed
+  (``backend``, see :class:`~anomalib_adfa.scoring.PatchScorer`).
 
 Values are compared in effective form: ``input_normalization=None`` means "the backbone's own
 statistics", which for a Wide-ResNet are the ImageNet ones, so ``None`` and ``"imagenet"`` are the
@@ -59,6 +60,7 @@ LOADING_IRRELEVANT_SETTINGS = (
     "cache_features",
     "cache_max_bytes",
     "mask_resolution",
+    "backend",
 )
 COMPONENT_ARGUMENTS = ("pre_processor", "post_processor", "evaluator", "visualizer")
 """Component objects: not hyperparameters (anomalib checkpoints their own configuration)."""

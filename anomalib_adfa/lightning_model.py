@@ -2,7 +2,7 @@
 
 Method: Huang, Liu, Luo, Yang, "ADFA: Attention-Augmented Differentiable Top-k Feature Adaptation for
 Unsupervised Medical Anomaly Detection" (public code: ``cbmi-group/ADFA``). The soft top-k operator follows
-Xie et al., "Differentiable Top-k with Optimal Transport", NeurIPS 2020 (:mod:`anomalib_adfa.soft_topk`).
+Xie et al., "Differentiable Top-k with Optimal Transport", NeurIPS 2020 (:mod:`anomalib_adfa.scoring.soft_topk`).
 
 This module is the thin Lightning side: it builds :class:`~anomalib_adfa.torch_model.AdfaModel`, fixes its
 centre bank before the first step, serves the frozen features from the cache, and calls
@@ -50,10 +50,9 @@ from anomalib_adfa.feature_cache import FeatureCache, random_transform_reason
 from anomalib_adfa.loss import AdfaLoss
 from anomalib_adfa.mask_frame import FramedPreProcessor, MaskResolution
 from anomalib_adfa.metrics import clinical_test_metrics
-from anomalib_adfa.patch_scoring import DistanceMode
 from anomalib_adfa.pixel_metrics import LocalisationEvaluator, pixel_test_metrics
 from anomalib_adfa.post_processing import SpecificityPostProcessor
-from anomalib_adfa.soft_topk import TopKMode
+from anomalib_adfa.scoring import Backend, DistanceMode, TopKMode
 from anomalib_adfa.torch_model import AdfaModel
 from anomalib_adfa.visualization import MedicalImageVisualizer
 
@@ -79,6 +78,9 @@ class Adfa(AnomalibModule):
         distance: ``"kl_weighted"`` (public code), ``"squared"`` or ``"euclidean"`` (paper Eq. 4).
         score_sqrt: Square root of patch scores in the anomaly map (public code).
         sigma: Gaussian blur of the anomaly map in pixels.
+        backend: Scoring backend: ``"auto"`` (fused on a CPU, plain on other devices), ``"plain"`` (full distance
+            tensor, the natural path on a GPU) or ``"fused"`` (chunked). A run-time choice with the same scores:
+            checkpoints do not record it.
         input_normalization: ``"imagenet"``, ``"half"`` (mean = std = 0.5) or ``None`` for the
             backbone's own normalisation. Used only by the default pre-processor.
         image_size: Resize size of the default pre-processor.
@@ -114,6 +116,7 @@ class Adfa(AnomalibModule):
         distance: DistanceMode = "kl_weighted",
         score_sqrt: bool = True,
         sigma: float = 4.0,
+        backend: Backend = "auto",
         input_normalization: Literal["imagenet", "half"] | None = None,
         image_size: tuple[int, int] = (256, 256),
         center_crop_size: tuple[int, int] | None = (224, 224),
@@ -158,6 +161,7 @@ class Adfa(AnomalibModule):
             distance=distance,
             score_sqrt=score_sqrt,
             sigma=sigma,
+            backend=backend,
         )
         self.loss = AdfaLoss()
         self.lr = lr

@@ -19,8 +19,7 @@ from torch import nn
 from anomalib_adfa.anomaly_map import AnomalyMapGenerator
 from anomalib_adfa.backbones import create_feature_extractor
 from anomalib_adfa.descriptor import PUBLIC_ATTENTION_KERNEL, PatchDescriptor, pool_features
-from anomalib_adfa.patch_scoring import DistanceMode, PatchScorer
-from anomalib_adfa.soft_topk import TopKMode
+from anomalib_adfa.scoring import Backend, DistanceMode, PatchScorer, TopKMode
 
 
 class CentersNotInitializedError(RuntimeError):
@@ -40,11 +39,13 @@ class AdfaModel(DynamicBufferMixin, nn.Module):
         attention_eps: Weight of the channel-attention branch; ``0`` disables it.
         attention_kernel: Kernel size of the attention conv (public code: 9) or ``"eca"``.
         num_nearest: ``K`` of the soft top-k.
-        topk_mode: ``"reference"``, ``"sharp"`` or ``"hard"`` (see :mod:`anomalib_adfa.soft_topk`).
+        topk_mode: ``"reference"``, ``"sharp"`` or ``"hard"`` (see :mod:`anomalib_adfa.scoring.soft_topk`).
         ot_epsilon: Entropic regularisation of the soft top-k.
-        distance: Distance variant (see :func:`~anomalib_adfa.patch_scoring.patch_scale`).
+        distance: Distance variant (see :func:`~anomalib_adfa.scoring.distances.patch_scale`).
         score_sqrt: Take the square root of patch scores in the anomaly map (public code).
         sigma: Gaussian blur of the anomaly map, in input pixels.
+        backend: Scoring backend, ``"auto"`` (fused on a CPU, plain elsewhere), ``"plain"`` or ``"fused"``
+            (:class:`~anomalib_adfa.scoring.PatchScorer`); the same scores either way.
     """
 
     def __init__(
@@ -62,6 +63,7 @@ class AdfaModel(DynamicBufferMixin, nn.Module):
         distance: DistanceMode = "kl_weighted",
         score_sqrt: bool = True,
         sigma: float = 4.0,
+        backend: Backend = "auto",
     ) -> None:
         super().__init__()
         self.feature_extractor = create_feature_extractor(backbone, layers, pre_trained, backbone_weights)
@@ -70,7 +72,7 @@ class AdfaModel(DynamicBufferMixin, nn.Module):
             msg = f"gamma_d must be in [1, {in_channels}] for {in_channels} backbone channels, got {gamma_d}"
             raise ValueError(msg)
         self.descriptor = PatchDescriptor(in_channels, in_channels // gamma_d, attention_eps, attention_kernel)
-        self.scorer = PatchScorer(num_nearest, topk_mode, ot_epsilon, distance)
+        self.scorer = PatchScorer(num_nearest, topk_mode, ot_epsilon, distance, backend=backend)
         self.anomaly_map_generator = AnomalyMapGenerator(sigma=sigma, take_sqrt=score_sqrt)
         self.centers: torch.Tensor
         self.register_buffer("centers", torch.empty(0))

@@ -36,8 +36,8 @@ from anomalib_adfa import Adfa
 from anomalib_adfa.callbacks import CrossFitThreshold, EvaluationRecorder, LabelFreeCheckpoint
 from anomalib_adfa.conformal import clopper_pearson
 from anomalib_adfa.data import BUSI, BrainMRI, Covid, SIPaKMeD
-from anomalib_adfa.patch_scoring import kl_weight
 from anomalib_adfa.pixel_metrics import pixel_metrics, threshold_label
+from anomalib_adfa.scoring import kl_weight
 from benchmarks.metrics import auroc, best_f1, bootstrap_auroc_ci, operating_point
 from benchmarks.models import TARGET_SPECIFICITY, UnsupportedModelError, build_model, recommended_selection
 

@@ -40,7 +40,7 @@ from scipy.stats import spearmanr
 from anomalib_adfa import Adfa
 from anomalib_adfa.anomaly_map import AnomalyMapGenerator
 from anomalib_adfa.backbones import LITE0_BACKBONE, LITE0_LAYERS, efficientnet_lite0_weights
-from anomalib_adfa.patch_scoring import kl_weight
+from anomalib_adfa.scoring import kl_weight
 from anomalib_adfa.synthetic import implant_lesion
 from benchmarks.jobs import DATASETS
 from benchmarks.metrics import auroc

@@ -24,6 +24,10 @@ against a plain ``torch.exp`` over the same block; checks that (a) in reference 
 (b) on the same rows of one image; measures the peak resident memory of a BrainMRI-sized training run
 (58 images, in a child process) and the eval-mode latency per image.
 
+The reference step is also timed with the C++ row operators of :mod:`anomalib_adfa.scoring.native` switched
+off (the ``torch.compile``'d kernels do those passes), and the ratio printed: the evidence that they earn
+their place.
+
 The last lines say whether the targets are met (ours / floor <= 1.5 in reference and hard mode, <= 2.0
 in sharp mode, for both sets of dimensions) and read
 ``ratio_reference_over_ours=<x> ratio_ours_over_floor=<y> s_per_epoch_brainmri=<z>`` (WR50 dimensions).
@@ -31,6 +35,7 @@ in sharp mode, for both sets of dimensions) and read
 Usage::
 
     .venv/bin/python -m benchmarks.train_speed
+    .venv/bin/python -m benchmarks.train_speed --repeats 3 --sinkhorn-rows 32 --dims Lite0   # short run
 """
 
 from __future__ import annotations
@@ -49,12 +54,13 @@ from pathlib import Path
 
 import torch
 
-from anomalib_adfa import chunk_kernels, native_kernels, patch_scoring
 from anomalib_adfa.backbones import LITE0_BACKBONE, LITE0_LAYERS
 from anomalib_adfa.feature_cache import FeatureCache
-from anomalib_adfa.patch_scoring import PatchScorer, default_chunk_elements, distance_operands, operand_distances
-from anomalib_adfa.reference import plain_distances, topk_weights
-from anomalib_adfa.soft_topk import TOPK_MODES, TopKSettings
+from anomalib_adfa.scoring import TOPK_MODES, PatchScorer, TopKSettings, chunking, modes, native, selection
+from anomalib_adfa.scoring import kernels as chunk_kernels
+from anomalib_adfa.scoring.chunking import default_chunk_elements
+from anomalib_adfa.scoring.distances import dense_distances, distance_operands, operand_distances
+from anomalib_adfa.scoring.plain import topk_weights
 from anomalib_adfa.torch_model import AdfaModel
 from benchmarks.machine import cpu_model
 
@@ -67,6 +73,26 @@ FLOORS = ("floor", "floor_decomposed", "floor_naive")
 
 
 TARGETS = {"reference": 1.5, "hard": 1.5, "sharp": 2.0}
+
+WITHOUT_NATIVE = "reference_without_cpp"
+NATIVE_PASSES = ("weight_sums", "sums_and_gradient", "row_extremes")
+
+
+def without_native(step: Callable[[], object]) -> Callable[[], object]:
+    """``step`` with the C++ row operators switched off, so that the ``torch.compile``'d kernels run instead."""
+
+    def run() -> object:
+        kernels = [getattr(chunk_kernels, name) for name in NATIVE_PASSES]
+        natives = [kernel.native for kernel in kernels]
+        for kernel in kernels:
+            kernel.native = None
+        try:
+            return step()
+        finally:
+            for kernel, function in zip(kernels, natives, strict=True):
+                kernel.native = function
+
+    return run
 
 
 def timed(step: Callable[[], object], repeats: int) -> float:
@@ -164,15 +190,15 @@ def floor_step(model: AdfaModel, features: list[torch.Tensor], variant: str) -> 
     Variants: ``"floor"``: the 1x1 conv of the concatenated features (the issue's descriptor floor) and
     :class:`_MatmulDistances`; ``"floor_decomposed"``: the same with our per-layer projection at native
     resolution (the strictest floor); ``"floor_naive"``: concatenated conv and the plain autograd
-    distances of :func:`~anomalib_adfa.reference.plain_distances` (full-size intermediate tensors, as a naive
-    implementation).
+    distances of :func:`~anomalib_adfa.scoring.distances.dense_distances` (full-size intermediate tensors, as a
+    naive implementation).
     """
     describe = model.describe if variant == "floor_decomposed" else model.descriptor
 
     def step() -> None:
         patches = describe(features).flatten(2).transpose(1, 2)
         total = (
-            plain_distances(patches, model.centers, "kl_weighted").sum()
+            dense_distances(patches, model.centers, "kl_weighted").sum()
             if variant == "floor_naive"
             else _MatmulDistances.apply(patches, model.centers)
         )
@@ -282,6 +308,8 @@ def speed(arch: tuple[str, tuple[str, ...]], batch: int, repeats: int, sinkhorn_
             return step(keys)
 
         steps[mode] = run
+    # The reference mode once more without the C++ operators: the compiled PyTorch kernels do their passes.
+    steps[WITHOUT_NATIVE] = without_native(steps["reference"])
     for variant in FLOORS:
         steps[variant] = floor_step(model, features, variant)
     times = round_robin(steps, repeats)
@@ -296,7 +324,7 @@ def speed(arch: tuple[str, tuple[str, ...]], batch: int, repeats: int, sinkhorn_
     # (b) on `sinkhorn_rows` patch rows of the first image, scaled to the batch's B*T rows.
     with torch.no_grad():
         patches = model.describe([feature[:1] for feature in features]).flatten(2).transpose(1, 2)
-        distances = plain_distances(patches, model.centers, "kl_weighted")[0]
+        distances = dense_distances(patches, model.centers, "kl_weighted")[0]
     rows = distances[:sinkhorn_rows]
     num_rows = batch * distances.shape[0]
     results["sinkhorn"] = timed(reference_step(rows, 3), 1) * num_rows / rows.shape[0]
@@ -320,23 +348,23 @@ def speed(arch: tuple[str, tuple[str, ...]], batch: int, repeats: int, sinkhorn_
 def count_passes(model: AdfaModel, cache: FeatureCache, keys: list[str], scorer: PatchScorer) -> dict[str, float]:
     """Full passes over the patch-by-centre block in one training step, by kind, forward and backward.
 
-    Every pass of :mod:`anomalib_adfa.chunk_kernels` and every distance matmul is recorded with the number of
+    Every pass of :mod:`anomalib_adfa.scoring.kernels` and every distance matmul is recorded with the number of
     elements it traverses (a search evaluation of a few rows left outside the tolerance counts for their share);
     the sums are divided by the block's ``B * T * N`` elements. The matmul of the gradient pass runs in the
-    forward (see ``patch_scoring._score_forward``), so the backward makes no pass over the block. Sharp mode's
-    work on the 16 nearest centres of each patch (``patch_scoring._sharp_candidates``) is not a pass over the block.
+    forward (see :mod:`anomalib_adfa.scoring.modes`), so the backward makes no pass over the block. Sharp mode's
+    work on the 16 nearest centres of each patch (``modes.sharp_candidate_scores``) is not a pass over the block.
     """
     counts: Counter[str] = Counter()
     kernel_call = chunk_kernels.ChunkKernel.__call__
-    distances_of = patch_scoring.operand_distances
+    distances_of = modes.operand_distances
 
-    def counted_kernel(kernel: chunk_kernels.ChunkKernel, *args: torch.Tensor) -> object:
+    def counted_kernel(kernel: chunk_kernels.ChunkKernel, *args: torch.Tensor, eager: bool) -> object:
         if kernel.function.__module__ == chunk_kernels.__name__:  # not the per-row kernels of the searches' starts
             name = kernel.function.__name__.strip("_")
             counts[name] += args[0].numel()
             if name == "sums_and_gradient":
                 counts["gradient matmul"] += args[0].numel()
-        return kernel_call(kernel, *args)
+        return kernel_call(kernel, *args, eager=eager)
 
     def counted_distances(*args: torch.Tensor, **kwargs: bool) -> torch.Tensor:
         distances = distances_of(*args, **kwargs)
@@ -346,7 +374,7 @@ def count_passes(model: AdfaModel, cache: FeatureCache, keys: list[str], scorer:
     model.scorer = scorer
     features = cache.get(keys, torch.device("cpu"), torch.float32)
     chunk_kernels.ChunkKernel.__call__ = counted_kernel
-    patch_scoring.operand_distances = counted_distances
+    modes.operand_distances = counted_distances
     try:
         scores = model.patch_scores(model.describe(features))
         forward = Counter(counts)
@@ -355,7 +383,7 @@ def count_passes(model: AdfaModel, cache: FeatureCache, keys: list[str], scorer:
         backward = Counter(counts)
     finally:
         chunk_kernels.ChunkKernel.__call__ = kernel_call
-        patch_scoring.operand_distances = distances_of
+        modes.operand_distances = distances_of
     model.zero_grad(set_to_none=True)
     block = scores.numel() * model.centers.shape[0]
     passes = {f"forward {name}": value / block for name, value in sorted(forward.items())}
@@ -375,10 +403,9 @@ def pass_times(model: AdfaModel, features: list[torch.Tensor], repeats: int) -> 
         patches = model.describe(features).flatten(2).transpose(1, 2)
         patch_operand, center_operand = distance_operands(patches, model.centers)
         batch, num_patches, width = patch_operand.shape
-        chunking = patch_scoring.chunking_for(
+        rows = chunking.chunking_for(
             batch, num_patches, model.centers.shape[0], patches.dtype, default_chunk_elements(patches.dtype), False
-        )
-        rows = chunking.rows_per_chunk
+        ).rows_per_chunk
         chunks = [
             operand_distances(patch_operand[image : image + 1, a : a + rows].reshape(-1, width), center_operand, False)
             for image in range(batch)
@@ -391,21 +418,23 @@ def pass_times(model: AdfaModel, features: list[torch.Tensor], repeats: int) -> 
     ]
     gradients = [torch.empty_like(chunk) for chunk in chunks]
     for *args, gradient in zip(chunks, betas, slopes, columns, gradients, strict=True):
-        chunk_kernels.sums_and_gradient(*args, 0.0, gradient)  # real values for the gradient matmul
-    group = patch_scoring.selection_block(chunks[0].shape[-1], 4)
+        chunk_kernels.sums_and_gradient(*args, 0.0, gradient, eager=True)  # real values for the gradient matmul
+    group = selection.selection_block(chunks[0].shape[-1], 4)
     # exp of the distances themselves would overflow; the weights' arguments are of order 1 to 10.
     arguments = [
         (chunk - column) / column.abs().clamp_min(1e-12) for chunk, column in zip(chunks, columns, strict=True)
     ]
     kinds: dict[str, Callable[[], object]] = {
         "torch.exp": lambda: [torch.exp(argument) for argument in arguments],
-        "row_extremes": lambda: [chunk_kernels.row_extremes(c, m) for c, m in zip(chunks, columns, strict=True)],
-        "group_minima": lambda: [chunk_kernels.group_minima(chunk, group) for chunk in chunks],
+        "row_extremes": lambda: [
+            chunk_kernels.row_extremes(c, m, eager=True) for c, m in zip(chunks, columns, strict=True)
+        ],
+        "group_minima": lambda: [chunk_kernels.group_minima(chunk, group, eager=True) for chunk in chunks],
         "weight_sums": lambda: [
-            chunk_kernels.weight_sums(*args) for args in zip(chunks, betas, slopes, columns, strict=True)
+            chunk_kernels.weight_sums(*args, eager=True) for args in zip(chunks, betas, slopes, columns, strict=True)
         ],
         "sums_and_gradient": lambda: [
-            chunk_kernels.sums_and_gradient(*args, 0.0, torch.empty_like(args[0]))
+            chunk_kernels.sums_and_gradient(*args, 0.0, torch.empty_like(args[0]), eager=True)
             for args in zip(chunks, betas, slopes, columns, strict=True)
         ],
         "distance matmul": lambda: [
@@ -463,6 +492,11 @@ def report(name: str, result: dict[str, object], batch: int, sinkhorn_rows: int)
     median = {key: statistics.median(values) for key, values in times.items()}
     print(f"[{name}] s/step (batch {batch}), median [min, max]:", *(f"{key}={spread(times[key])}" for key in times))
     print(
+        f"[{name}] reference step without / with the C++ row operators (compiled PyTorch kernels / C++), median of "
+        f"per-round ratios: {relative(times, WITHOUT_NATIVE, 'reference'):.2f}; of the fastest rounds (least hit by "
+        f"other load): {min(times[WITHOUT_NATIVE]) / min(times['reference']):.2f}"
+    )
+    print(
         f"[{name}] ours/floor, median of per-round ratios [min, max]: "
         + " ".join(f"{mode}={spread(ratios[mode])}" for mode in TOPK_MODES)
         + f"; reference vs floor_decomposed {relative(times, 'reference', 'floor_decomposed'):.2f}"
@@ -494,12 +528,29 @@ def report(name: str, result: dict[str, object], batch: int, sinkhorn_rows: int)
     return {mode: statistics.median(ratios[mode]) <= TARGETS[mode] for mode in TOPK_MODES}
 
 
+def commit() -> str:
+    """Short hash of the checked-out commit (with ``+`` if the tree has changes), or ``unknown``."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip() + ("+" if dirty.stdout.strip() else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds per step variant")
     parser.add_argument("--sinkhorn-rows", type=int, default=196, help="patch rows timed for (b)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument(
+        "--dims",
+        nargs="+",
+        choices=("Lite0", "WR50"),
+        default=["Lite0", "WR50"],
+        help="dimension sets to time; without WR50 the latency, memory and summary lines are skipped",
+    )
     parser.add_argument("--memory-run", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads is not None:
@@ -513,19 +564,23 @@ def main() -> None:
         f"{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
         f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, chunks of "
         f"{default_chunk_elements(torch.float32) / 2**20:.1f} M elements, "
-        f"command: python -m benchmarks.train_speed {' '.join(sys.argv[1:])}".rstrip()
+        f"commit {commit()}, command: python -m benchmarks.train_speed {' '.join(sys.argv[1:])}".rstrip()
     )
     per_epoch = BRAINMRI_TRAIN_IMAGES / args.batch
     met = {}
     for name, arch in (("Lite0", LITE0), ("WR50", WR50)):
+        if name not in args.dims:
+            continue
         result = speed(arch, args.batch, args.repeats, args.sinkhorn_rows)
         met[name] = report(name, result, args.batch, args.sinkhorn_rows)
         if name == "WR50":
             wr50 = result
     kernels = "eager (no working C++ compiler)" if chunk_kernels.ChunkKernel.compiler_failed else compiled
-    if native_kernels.library() is not None:
-        kernels = f"in C (row_kernels.c: row sums, gradient, extremes), the others {kernels}"
+    if native.library() is not None:
+        kernels = f"in C++ (row_kernels.cpp: row sums, gradient, extremes), the others {kernels}"
     print(f"chunk kernels ran {kernels}")
+    if "WR50" not in args.dims:
+        return
     for batch in (1, 8):
         print(f"[WR50] eval latency, batch {batch}: {latency(batch, args.repeats):.3f} s/image (backbone included)")
     memory = subprocess.run(
@@ -539,10 +594,10 @@ def main() -> None:
         check=True,
     )
     print(f"[WR50] BrainMRI-sized training run (58 images, batch {args.batch}): {memory.stdout.strip()}")
-    for name, modes in met.items():
+    for name, mode_met in met.items():
         print(
             f"targets [{name}]: "
-            + ", ".join(f"{mode} <= {TARGETS[mode]}: {'met' if ok else 'NOT met'}" for mode, ok in modes.items())
+            + ", ".join(f"{mode} <= {TARGETS[mode]}: {'met' if ok else 'NOT met'}" for mode, ok in mode_met.items())
         )
     reference = statistics.median(wr50["times"]["reference"])
     print(

@@ -259,3 +259,18 @@ def _chunk_inputs(rows: int, columns: int, dtype: torch.dtype, seed: int) -> tup
 def chunk_inputs() -> Callable[..., tuple[torch.Tensor, ...]]:
     """``chunk_inputs(rows, columns, dtype, seed)``: inputs of the chunk kernels (raw distances and per-row columns)."""
     return _chunk_inputs
+
+
+def _adfa_like(batch: int, patches: int, channels: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, ...]:
+    """Descriptors scattered around one centre per position, as after ADFA's centre initialisation."""
+    generator = torch.Generator().manual_seed(seed)
+    centers = torch.randn(patches, channels, generator=generator, dtype=dtype)
+    noise = torch.randn(batch, patches, channels, generator=generator, dtype=dtype)
+    upstream = torch.randn(batch, patches, generator=generator, dtype=dtype)
+    return (centers + 0.5 * noise).requires_grad_(), centers, upstream
+
+
+@pytest.fixture(scope="session")
+def adfa_like() -> Callable[..., tuple[torch.Tensor, ...]]:
+    """``adfa_like(batch, patches, channels, dtype, seed)``: patches ``(B, T, D')`` with grad, centres, upstream."""
+    return _adfa_like

@@ -29,11 +29,10 @@ from anomalib.deploy import TorchInferencer
 from anomalib.engine import Engine
 from torchvision.transforms.v2.functional import resize
 
-from anomalib_adfa import Adfa, patch_scoring
+from anomalib_adfa import Adfa
 from anomalib_adfa.callbacks import ScoreCSVWriter
 from anomalib_adfa.export import ONNX_OPSET_VERSION, PRECISION_ATTRIBUTE
-from anomalib_adfa.patch_scoring import PatchScorer
-from anomalib_adfa.soft_topk import TOPK_MODES
+from anomalib_adfa.scoring import TOPK_MODES, PatchScorer, fused
 from anomalib_adfa.synthetic import ABNORMAL_DIR, NORMAL_DIR, NORMAL_TEST_DIR, make_phantom_dataset
 
 pytestmark = pytest.mark.slow
@@ -398,7 +397,7 @@ def test_exported_chunked_scoring_takes_any_batch_size(
     # At 224 px the patch scoring runs in several chunks; a small chunk budget makes this 64 px model do the same.
     num_centers = trained[0].model.centers.shape[0]
     chunk_elements = num_centers * (num_centers // 3 + 1)  # three chunks of rows per image
-    monkeypatch.setattr(patch_scoring.nearest_center_scores, "__defaults__", (chunk_elements, None))
+    monkeypatch.setattr(fused.nearest_center_scores, "__defaults__", (chunk_elements, None))
     model = copy.deepcopy(trained[0]).eval()
     onnx_path = model.to_onnx(export_root=tmp_path, input_size=None)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])

@@ -62,13 +62,3 @@ def test_command_line_and_kernel_modules_stay_light() -> None:
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
-
-
-def test_the_model_never_imports_the_reference_forms() -> None:
-    files = {_module_name(path): path for path in PACKAGE.rglob("*.py")}
-    importers = [
-        name
-        for name, path in files.items()
-        if "anomalib_adfa.reference" in _imports(ast.parse(path.read_text()), set(files))
-    ]
-    assert importers == []

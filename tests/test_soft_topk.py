@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from anomalib_adfa.reference import hard_topk, selection_logits, soft_topk, solve_threshold, topk_weights
-from anomalib_adfa.soft_topk import TopKSettings, moment_start, nearest_subset_start
+from anomalib_adfa.scoring.logits import moment_start, nearest_subset_start
+from anomalib_adfa.scoring.plain import hard_topk, logit_map, topk_weights
+from anomalib_adfa.scoring.soft_topk import TopKSettings, soft_topk, solve_threshold
 
 
 def sinkhorn_plan(cost: torch.Tensor, k: int, epsilon: float, iterations: int = 5000) -> torch.Tensor:
@@ -74,7 +75,7 @@ def test_gradcheck_through_adfa_modes(mode: str) -> None:
     # Both modes divide by a detached, data-dependent scale (as the public code does), so finite
     # differences would also move the scale: check the gradient with the scale frozen at d0.
     d0 = torch.rand(2, 3, 15, dtype=torch.float64) * 4.0
-    logits0 = selection_logits(d0, mode, 3, 0.1)
+    logits0 = logit_map(d0, mode, 3, 0.1)(d0)
     slope = (logits0[..., :1] - logits0[..., 1:2]) / (d0[..., 1:2] - d0[..., :1])  # d logits / d d
     offset = logits0 + slope * d0
 
@@ -128,8 +129,8 @@ def test_invalid_arguments_are_reported() -> None:
         TopKSettings(3, "soft")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="0 < k < n"):
         solve_threshold(torch.zeros(1, 3), 3)
-    with pytest.raises(ValueError, match="no soft form"):
-        selection_logits(torch.zeros(1, 1, 4), "hard", 1, 0.1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="no soft logits"):
+        logit_map(torch.zeros(1, 1, 4), "hard", 1, 0.1)  # type: ignore[arg-type]
 
 
 def residual_at(logits: torch.Tensor, tau: torch.Tensor, k: int) -> torch.Tensor:

@@ -4,8 +4,8 @@ import pytest
 import torch
 from anomalib.data import InferenceBatch
 
-from anomalib_adfa.reference import plain_scores
-from anomalib_adfa.soft_topk import TOPK_MODES
+from anomalib_adfa.scoring import TOPK_MODES
+from anomalib_adfa.scoring.plain import plain_scores
 from anomalib_adfa.torch_model import AdfaModel, CentersNotInitializedError
 
 LITE0 = {"backbone": "tf_efficientnet_lite0", "pre_trained": False}
@@ -72,10 +72,12 @@ def test_same_seed_same_model() -> None:
     torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backend", ["auto", "plain"])
 @pytest.mark.parametrize("mode", TOPK_MODES)
-def test_model_patch_scores_use_the_exact_loss(mode: str) -> None:
+def test_model_patch_scores_use_the_exact_loss(mode: str, backend: str) -> None:
     torch.manual_seed(1)
-    model = AdfaModel(**LITE0, topk_mode=mode).double()
+    model = AdfaModel(**LITE0, topk_mode=mode, backend=backend).double()
+    assert model.scorer.backend == backend  # "auto": the fused backend on this CPU
     features = model.extract_features(torch.randn(2, 3, 64, 64, dtype=torch.float64))
     with torch.no_grad():
         model.set_centers(model.describe(features).mean(dim=0).flatten(1).T)

@@ -1,33 +1,20 @@
-"""The fused, chunked patch scoring against the plain computation, and the distance modes."""
+"""The fused backend's parts: its chunks, searches, selection, memory and distance modes, against the plain forms."""
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
 from torch.nn import functional as F  # noqa: N812
 
-from anomalib_adfa import chunk_kernels, patch_scoring
-from anomalib_adfa.patch_scoring import (
-    DISTANCE_MODES,
-    kl_weight,
-    nearest_center_scores,
-    selection_block,
-    smallest_distances,
-)
-from anomalib_adfa.reference import plain_distances, plain_scores, solve_threshold, squared_distances
-from anomalib_adfa.soft_topk import TOPK_MODES, TopKSettings, default_tolerance
+from anomalib_adfa.scoring import chunking, kernels, memory, modes, search
+from anomalib_adfa.scoring.distances import DISTANCE_MODES, dense_distances, kl_weight
+from anomalib_adfa.scoring.fused import nearest_center_scores
+from anomalib_adfa.scoring.plain import plain_scores
+from anomalib_adfa.scoring.selection import selected_directions, selection_block, smallest_distances
+from anomalib_adfa.scoring.soft_topk import TOPK_MODES, TopKSettings, default_tolerance, solve_threshold
 
-
-def adfa_like(batch: int, patches: int, channels: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, ...]:
-    """Descriptors scattered around one centre per position, as after ADFA's centre initialisation."""
-    generator = torch.Generator().manual_seed(seed)
-    centers = torch.randn(patches, channels, generator=generator, dtype=dtype)
-    noise = torch.randn(batch, patches, channels, generator=generator, dtype=dtype)
-    return (
-        (centers + 0.5 * noise).requires_grad_(),
-        centers,
-        torch.randn(batch, patches, generator=generator, dtype=dtype),
-    )
+AdfaLike = Callable[..., tuple[torch.Tensor, ...]]
 
 
 def values_and_grads(scores: torch.Tensor, patches: torch.Tensor, upstream: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -35,31 +22,9 @@ def values_and_grads(scores: torch.Tensor, patches: torch.Tensor, upstream: torc
     return scores.detach(), grad
 
 
-@pytest.mark.parametrize("distance", DISTANCE_MODES)
 @pytest.mark.parametrize("mode", TOPK_MODES)
-def test_fused_scores_match_plain_float64(mode: str, distance: str) -> None:
-    patches, centers, upstream = adfa_like(3, 49, 12, torch.float64, seed=0)
-    topk = TopKSettings(3, mode, num_iterations=40)
-    plain = values_and_grads(plain_scores(patches, centers, distance, topk), patches, upstream)
-    # 500 elements per chunk: 3 patch rows of the 3 images, so 17 chunks with a short last one.
-    fused_scores = nearest_center_scores(patches, centers, distance, topk, chunk_elements=500)
-    fused = values_and_grads(fused_scores, patches, upstream)
-    for ours, reference in zip(fused, plain, strict=True):
-        torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-12)
-
-
-@pytest.mark.parametrize("mode", TOPK_MODES)
-def test_fused_scores_match_plain_float32_with_early_exit(mode: str) -> None:
-    patches, centers, upstream = adfa_like(2, 196, 32, torch.float32, seed=1)
-    topk = TopKSettings(3, mode)
-    plain = values_and_grads(plain_scores(patches, centers, "kl_weighted", topk), patches, upstream)
-    fused = values_and_grads(nearest_center_scores(patches, centers, "kl_weighted", topk), patches, upstream)
-    for ours, reference in zip(fused, plain, strict=True):
-        torch.testing.assert_close(ours, reference, rtol=2e-4, atol=1e-5 * reference.abs().max().item())
-
-
-@pytest.mark.parametrize("mode", TOPK_MODES)
-def test_chunked_equals_unchunked(mode: str) -> None:
+def test_chunked_equals_unchunked(mode: str, adfa_like: AdfaLike) -> None:
+    # With test_scoring_backends (plain equals fused in one chunk), chunked fused scores equal the plain ones.
     patches, centers, upstream = adfa_like(2, 36, 8, torch.float64, seed=2)
     distance, topk = "kl_weighted", TopKSettings(3, mode, num_iterations=40)
     row_by_row = values_and_grads(nearest_center_scores(patches, centers, distance, topk, 1), patches, upstream)
@@ -68,7 +33,7 @@ def test_chunked_equals_unchunked(mode: str) -> None:
         torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
 
 
-def test_fused_scores_without_gradient_match_and_patch_on_its_centre() -> None:
+def test_fused_scores_without_gradient_match_and_patch_on_its_centre(adfa_like: AdfaLike) -> None:
     patches, centers, upstream = adfa_like(2, 25, 6, torch.float64, seed=3)
     with torch.no_grad():
         patches[0, 4] = centers[4]  # a zero distance: the clamp at 0 is active for rounding errors
@@ -81,7 +46,7 @@ def test_fused_scores_without_gradient_match_and_patch_on_its_centre() -> None:
         torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-10)
 
 
-def test_fused_scores_refuse_trainable_centres() -> None:
+def test_fused_scores_refuse_trainable_centres(adfa_like: AdfaLike) -> None:
     patches, centers, _ = adfa_like(1, 9, 4, torch.float64, seed=4)
     with pytest.raises(ValueError, match="centre bank as constant"):
         nearest_center_scores(patches, centers.requires_grad_(), "kl_weighted", TopKSettings())
@@ -90,13 +55,13 @@ def test_fused_scores_refuse_trainable_centres() -> None:
 def test_distance_modes() -> None:
     patches, centers = torch.randn(2, 6, 5, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64)
     expected = torch.cdist(patches, centers.expand(2, -1, -1)).square()
-    torch.testing.assert_close(squared_distances(patches, centers), expected)
-    torch.testing.assert_close(plain_distances(patches, centers, "euclidean"), expected.sqrt(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(dense_distances(patches, centers, "squared"), expected)
+    torch.testing.assert_close(dense_distances(patches, centers, "euclidean"), expected.sqrt(), atol=1e-6, rtol=0)
     kl = F.kl_div(patches.log_softmax(-1), centers.softmax(-1).expand(2, -1, -1), reduction="none").sum(dim=(1, 2))
     torch.testing.assert_close(kl_weight(patches, centers).view(2), kl)
-    torch.testing.assert_close(plain_distances(patches, centers, "kl_weighted"), expected * kl.view(2, 1, 1))
+    torch.testing.assert_close(dense_distances(patches, centers, "kl_weighted"), expected * kl.view(2, 1, 1))
     with pytest.raises(ValueError, match="distance must be one of"):
-        plain_distances(patches, centers, "cosine")  # type: ignore[arg-type]
+        dense_distances(patches, centers, "cosine")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(("num_centers", "count"), [(3136, 3), (3136, 8), (784, 4), (97, 4), (12, 12)])
@@ -121,17 +86,17 @@ def test_only_rows_outside_the_tolerance_are_evaluated_again(monkeypatch: pytest
     lower = logit_ratio + slope * distances.amin(-1, keepdim=True)
     upper = logit_ratio + slope * distances.amax(-1, keepdim=True)
     rows_evaluated = []
-    kernel = chunk_kernels.weight_sums
+    kernel = kernels.weight_sums
 
-    def recording(chunk: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+    def recording(chunk: torch.Tensor, *args: torch.Tensor, eager: bool) -> torch.Tensor:
         rows_evaluated.append(chunk.shape[0])
-        return kernel(chunk, *args)
+        return kernel(chunk, *args, eager=eager)
 
-    monkeypatch.setattr(chunk_kernels, "weight_sums", recording)
-    search = patch_scoring._Search(slope, shift, start, lower, upper)
+    monkeypatch.setattr(kernels, "weight_sums", recording)
+    row_search = search.RowSearch(slope, shift, start, lower, upper)
     tol = default_tolerance(torch.float64)
     topk = TopKSettings(3, "reference", num_iterations=40)
-    sums = patch_scoring._search_chunk(distances, search, topk, tol, None, 0.0)
+    sums = search.search_chunk(distances, row_search, topk, tol, None, 0.0)
     assert rows_evaluated[0] == 40
     assert len(rows_evaluated) > 1
     assert all(rows == 2 for rows in rows_evaluated[1:])
@@ -139,11 +104,11 @@ def test_only_rows_outside_the_tolerance_are_evaluated_again(monkeypatch: pytest
     # With a gradient the first evaluation writes it for every row; the two rows get theirs at their final threshold.
     rows_evaluated.clear()
     gradient = torch.full_like(distances, math.nan)
-    with_gradient = patch_scoring._search_chunk(distances, search, topk, tol, gradient, 0.0)
+    with_gradient = search.search_chunk(distances, row_search, topk, tol, gradient, 0.0)
     assert rows_evaluated
     assert all(rows == 2 for rows in rows_evaluated)
     expected = torch.empty_like(distances)
-    expected_sums = chunk_kernels.sums_and_gradient.function(distances, exact, slope, shift, 0.0, expected)
+    expected_sums = kernels.sums_and_gradient.function(distances, exact, slope, shift, 0.0, expected)
     torch.testing.assert_close(with_gradient, expected_sums, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(gradient, expected, rtol=1e-8, atol=1e-12)
 
@@ -165,18 +130,18 @@ def test_sharp_mode_on_its_nearest_centres_equals_the_full_rows(distance: str, m
         plain_scores(patches.double(), centers.double(), distance, exact), patches, upstream.double()
     )
     full_rows = []
-    search_chunk = patch_scoring._search_chunk
+    search_chunk = modes.search_chunk
 
     def recording(chunk: torch.Tensor, *args: object) -> torch.Tensor:
         full_rows.append(chunk.shape[0])
         return search_chunk(chunk, *args)
 
-    monkeypatch.setattr(patch_scoring, "_search_chunk", recording)
+    monkeypatch.setattr(modes, "search_chunk", recording)
     pruned = values_and_grads(nearest_center_scores(patches, centers, distance, topk), patches, upstream)
     assert sum(full_rows) < 0.1 * patches.shape[0] * patches.shape[1]  # most rows solved on 16 centres
     # With a negative allowance every row is searched on its full distances, from the subset's root.
     full_rows.clear()
-    monkeypatch.setattr(patch_scoring, "PRUNED_MASS_EPS", -1.0)
+    monkeypatch.setattr(modes, "PRUNED_MASS_EPS", -1.0)
     unpruned = values_and_grads(nearest_center_scores(patches, centers, distance, topk), patches, upstream)
     assert sum(full_rows) == patches.shape[0] * patches.shape[1]
     for ours, full, reference in zip(pruned, unpruned, plain, strict=True):
@@ -188,43 +153,47 @@ def test_sharp_mode_on_its_nearest_centres_equals_the_full_rows(distance: str, m
 
 
 @pytest.mark.parametrize("mode", TOPK_MODES)
-def test_one_image_per_sweep_equals_whole_batch(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_one_image_per_sweep_equals_whole_batch(
+    mode: str, monkeypatch: pytest.MonkeyPatch, adfa_like: AdfaLike
+) -> None:
     patches, centers, upstream = adfa_like(3, 36, 8, torch.float64, seed=6)
     topk = TopKSettings(3, mode, num_iterations=40)
     whole = values_and_grads(nearest_center_scores(patches, centers, "kl_weighted", topk, 100), patches, upstream)
-    assert patch_scoring.chunking_for(3, 36, 36, torch.float64, 100, False).images_per_sweep == 3
-    monkeypatch.setattr(patch_scoring, "last_level_cache_bytes", lambda: 36 * 36 * 8)  # one image's block
-    assert patch_scoring.chunking_for(3, 36, 36, torch.float64, 100, False) == (1, 2)
+    assert chunking.chunking_for(3, 36, 36, torch.float64, 100, False).images_per_sweep == 3
+    monkeypatch.setattr(chunking, "last_level_cache_bytes", lambda: 36 * 36 * 8)  # one image's block
+    assert chunking.chunking_for(3, 36, 36, torch.float64, 100, False) == (1, 2)
     single = values_and_grads(nearest_center_scores(patches, centers, "kl_weighted", topk, 100), patches, upstream)
     for ours, reference in zip(single, whole, strict=True):
         torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
 
 
 def test_chunk_sizes_follow_the_cache(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert patch_scoring.last_level_cache_bytes() > 0
-    monkeypatch.setattr(patch_scoring, "last_level_cache_bytes", lambda: 48 << 20)
-    assert patch_scoring.default_chunk_elements(torch.float32) == 2 << 20
-    assert patch_scoring.default_chunk_elements(torch.float64) == 1 << 20
+    assert chunking.last_level_cache_bytes() > 0
+    monkeypatch.setattr(chunking, "last_level_cache_bytes", lambda: 48 << 20)
+    assert chunking.default_chunk_elements(torch.float32) == 2 << 20
+    assert chunking.default_chunk_elements(torch.float64) == 1 << 20
     # Exported graphs take any batch: the whole batch in one sweep, chunks sized per image.
-    assert patch_scoring.chunking_for(8, 3136, 3136, torch.float32, 1 << 20, True) == (8, 334)
+    assert chunking.chunking_for(8, 3136, 3136, torch.float32, 1 << 20, True) == (8, 334)
 
 
 @pytest.mark.parametrize("distance", ["kl_weighted", "euclidean"])
-def test_soft_sweeps_reuse_their_memory_and_return_none_of_it(distance: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(patch_scoring, "sweep_memory", patch_scoring.SweepMemory())
+def test_soft_sweeps_reuse_their_memory_and_return_none_of_it(
+    distance: str, monkeypatch: pytest.MonkeyPatch, adfa_like: AdfaLike
+) -> None:
+    monkeypatch.setattr(modes, "sweep_memory", memory.SweepMemory())
     patches, centers, upstream = adfa_like(3, 49, 12, torch.float32, seed=8)
     topk = TopKSettings(3, "reference")
     first = values_and_grads(nearest_center_scores(patches, centers, distance, topk, 500), patches, upstream)
-    memory = patch_scoring.sweep_memory.buffer
+    buffer = modes.sweep_memory.buffer
     # The block of the whole batch (one sweep) and one gradient chunk of 3 images x 3 rows.
-    assert patch_scoring.chunking_for(3, 49, 49, torch.float32, 500, False) == (3, 3)
-    assert memory is not None
-    assert memory.numel() == (49 + 3) * 3 * 49
+    assert chunking.chunking_for(3, 49, 49, torch.float32, 500, False) == (3, 3)
+    assert buffer is not None
+    assert buffer.numel() == (49 + 3) * 3 * 49
     second = values_and_grads(nearest_center_scores(patches, centers, distance, topk, 500), patches, upstream)
-    assert patch_scoring.sweep_memory.buffer is memory  # taken again, not allocated again
-    memory.fill_(math.nan)  # nothing returned lives in it
+    assert modes.sweep_memory.buffer is buffer  # taken again, not allocated again
+    buffer.fill_(math.nan)  # nothing returned lives in it
     for again, before in zip(second, first, strict=True):
-        assert again.untyped_storage().data_ptr() != memory.untyped_storage().data_ptr()
+        assert again.untyped_storage().data_ptr() != buffer.untyped_storage().data_ptr()
         torch.testing.assert_close(again, before, rtol=0, atol=0)
     plain = values_and_grads(plain_scores(patches, centers, distance, topk), patches, upstream)
     for ours, reference in zip(second, plain, strict=True):
@@ -237,5 +206,5 @@ def test_selected_directions_are_the_weighted_sums_of_the_selected_centre_operan
     columns = torch.randint(0, 11, (7, 5), generator=generator)
     center_operand = torch.randn(11, 6, generator=generator, dtype=torch.float64)
     expected = torch.stack([(chain[row, :, None] * center_operand[columns[row]]).sum(0) for row in range(7)])
-    directions = patch_scoring.selected_directions(chain, columns, center_operand)
+    directions = selected_directions(chain, columns, center_operand)
     torch.testing.assert_close(directions, expected, rtol=1e-14, atol=1e-14)

@@ -1,23 +1,31 @@
 /*
  * Three passes of ADFA's soft top-k over a chunk of the patch-by-centre distance block, written out for the
- * CPU: the row sums with or without the gradient (adfa_weight_sums) and the row extremes (adfa_row_extremes).
- * anomalib_adfa/native_kernels.py builds and loads this file; anomalib_adfa/chunk_kernels.py holds the same
- * passes in PyTorch, and the tests check that both agree.
+ * CPU: the row sums with or without the gradient (adfa_weight_sums) and the row extremes (adfa_row_extremes),
+ * registered as the PyTorch operators torch.ops.anomalib_adfa.weight_sums and torch.ops.anomalib_adfa.row_extremes.
+ * anomalib_adfa/scoring/native.py builds and loads this file with torch.utils.cpp_extension;
+ * anomalib_adfa/scoring/kernels.py holds the same passes in PyTorch, and the tests check that both agree.
  *
  * Why not Inductor's code for the row sums: for sums_and_gradient it fuses the row sums and the gradient into one
  * loop per row but evaluates the weights twice (an exponential and a division per element each time, since it
  * keeps no row-sized intermediate), and its vectorised exp2 is a general-purpose one. Here the weights of a
  * row are evaluated once, kept in the row of the gradient and in a per-thread row of slopes (both stay in L1),
- * and the exponential is the short polynomial below: about twice as fast on the 2-core Xeon this project
- * measures on (benchmarks/train_speed.py).
+ * and the exponential is the short polynomial below. benchmarks/train_speed.py measures the training step with
+ * these kernels and with the compiled PyTorch ones side by side (the ratio is in anomalib_adfa/README.md).
  *
- * Formulas (see chunk_kernels.py): for a row with threshold beta, slope b and shift c, and clamped distances
- * d_j = max(raw_j, 0),
+ * Formulas: the one weight formula, anomalib_adfa.scoring.soft_topk.logistic_weights, and the one gradient
+ * formula, soft_topk.topk_weight_grad, composed as in kernels.score_gradient. This file is the one place they
+ * are written again (C cannot call Python); tests/test_scoring_native.py holds it to them. For a row with
+ * threshold beta, slope b and shift c, and clamped distances d_j = max(raw_j, 0),
  *     a_j = max(beta - b (d_j - c), ARGUMENT_FLOOR),  e_j = exp(-a_j),  z_j = 1 / (1 + e_j),  s_j = e_j z_j^2,
  * sums [sum z, sum s, sum z d, sum s d], and with a gradient buffer
  *     g_j = z_j - b s_j (d_j - mean),  mean = sum s d / sum s,
  * times 1 / (2 raw_j) when zero > 0 ("euclidean" distances), and 0 where raw_j <= zero.
  */
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
 
 #include <stdint.h>
 #include <stdlib.h>
@@ -25,7 +33,7 @@
 
 #define LOG2_E 1.4426950408889634f
 #define FLOAT_TINY 1.17549435e-38f
-/* log(sqrt(FLOAT_TINY)): the lower bound of the sigmoid's argument (chunk_kernels.argument_floor, float32). */
+/* log(sqrt(FLOAT_TINY)): the lower bound of the sigmoid's argument (soft_topk.argument_floor, float32). */
 #define ARGUMENT_FLOOR -43.66827237527655f
 
 /*
@@ -104,7 +112,7 @@ static void row_weights(const float *raw, int64_t n, float threshold, float b, f
  * beta, slope and shift hold one value per row; threads is the size of the OpenMP team.
  * NaN distances give NaN sums and gradients, as in PyTorch.
  */
-void adfa_weight_sums(const float *distances, int64_t rows, int64_t n, const float *beta, const float *slope,
+static void adfa_weight_sums(const float *distances, int64_t rows, int64_t n, const float *beta, const float *slope,
                       const float *shift, float zero, float *sums, float *gradient, int threads) {
 #pragma omp parallel num_threads(threads)
     {
@@ -139,7 +147,7 @@ void adfa_weight_sums(const float *distances, int64_t rows, int64_t n, const flo
  * Row extremes and moments (rows x 6) of a contiguous chunk (rows x n): min d, max d and sum (d - c)^k for
  * k = 1..4, with d the clamped distances and c the row's shift. NaN distances give NaN moments.
  */
-void adfa_row_extremes(const float *distances, int64_t rows, int64_t n, const float *shift, float *extremes,
+static void adfa_row_extremes(const float *distances, int64_t rows, int64_t n, const float *shift, float *extremes,
                        int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
@@ -166,4 +174,43 @@ void adfa_row_extremes(const float *distances, int64_t rows, int64_t n, const fl
         out[4] = m3;
         out[5] = m4;
     }
+}
+
+/* The operators: float32 CPU tensors, distances (rows x n) contiguous, per-row columns of `rows` values. */
+
+static at::Tensor weight_sums(const at::Tensor &distances, const at::Tensor &beta, const at::Tensor &slope,
+                              const at::Tensor &shift, double zero, const std::optional<at::Tensor> &gradient) {
+    TORCH_CHECK(distances.dim() == 2 && distances.is_contiguous(), "weight_sums needs contiguous (R, N) distances");
+    const int64_t rows = distances.size(0), n = distances.size(1);
+    at::Tensor sums = at::empty({rows, 4}, distances.options());
+    float *gradient_data = nullptr;
+    if (gradient.has_value()) {
+        TORCH_CHECK(gradient->is_contiguous() && gradient->sizes() == distances.sizes(), "gradient must be like distances");
+        gradient_data = gradient->data_ptr<float>();
+    }
+    adfa_weight_sums(distances.data_ptr<float>(), rows, n, beta.data_ptr<float>(), slope.data_ptr<float>(),
+                     shift.data_ptr<float>(), static_cast<float>(zero), sums.data_ptr<float>(), gradient_data,
+                     at::get_num_threads());
+    return sums;
+}
+
+static at::Tensor row_extremes(const at::Tensor &distances, const at::Tensor &shift) {
+    TORCH_CHECK(distances.dim() == 2 && distances.is_contiguous() && distances.size(1) > 0,
+                "row_extremes needs contiguous, non-empty (R, N) distances");
+    const int64_t rows = distances.size(0);
+    at::Tensor extremes = at::empty({rows, 6}, distances.options());
+    adfa_row_extremes(distances.data_ptr<float>(), rows, distances.size(1), shift.data_ptr<float>(),
+                      extremes.data_ptr<float>(), at::get_num_threads());
+    return extremes;
+}
+
+TORCH_LIBRARY(anomalib_adfa, m) {
+    m.def("weight_sums(Tensor distances, Tensor beta, Tensor slope, Tensor shift, float zero, Tensor(a!)? gradient) "
+          "-> Tensor");
+    m.def("row_extremes(Tensor distances, Tensor shift) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(anomalib_adfa, CPU, m) {
+    m.impl("weight_sums", &weight_sums);
+    m.impl("row_extremes", &row_extremes);
 }

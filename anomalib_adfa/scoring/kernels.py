@@ -2,68 +2,45 @@ r"""The passes of the fused patch scoring over one chunk of the patch-by-centre 
 
 Each function here is one traversal of a chunk ``(R, N)`` of the distance block (``R`` patch rows, ``N``
 centres) that reads the chunk once and returns per-row sums, or writes one ``(R, N)`` result. The threshold
-search of :mod:`anomalib_adfa.patch_scoring` calls them; everything between two calls works on ``(R, 1)``
+search of :mod:`anomalib_adfa.scoring.search` calls them; everything between two calls works on ``(R, 1)``
 columns. With ``torch.compile`` (Inductor's C++ backend) each call becomes one vectorised loop over the chunk;
 without a working C++ compiler they run as plain PyTorch (several passes each, same values to rounding). For
 float32 CPU chunks the three passes of the reference mode's step (:data:`row_extremes`, :data:`weight_sums`,
-:data:`sums_and_gradient`) run in C instead where the system's C compiler builds ``row_kernels.c``
-(:mod:`anomalib_adfa.native_kernels`, which says why), with the same formulas.
+:data:`sums_and_gradient`) run as C++ operators instead where ``torch.utils.cpp_extension`` builds
+``row_kernels.cpp`` (:mod:`anomalib_adfa.scoring.native`, which says why they stay), with the same formulas.
 
-Weights and their slopes in one pass
-------------------------------------
-For a row with threshold :math:`\beta`, slope :math:`b` and shift :math:`c` the weights are :math:`z_j =
-\sigma(\max(\beta - b\,(d_j - c), \ell))` with :math:`\ell = \log\sqrt{\text{tiny}}` (see :func:`argument_floor`).
-The shift, a distance close to the row's own (its nearest or its mean), keeps the argument free of cancellation:
-in float32 :math:`\beta - b d` of two terms near 6000 (seen in sharp mode) would leave the threshold search a
-resolution of 5e-4, far coarser than its tolerance. With :math:`e_j = \exp(-a_j)` for the clamped argument
-:math:`a_j`,
+Weights, slopes and gradient from the operator's formulas
+--------------------------------------------------------
+For a row with threshold :math:`\beta`, slope :math:`b` and shift :math:`c` the weights and slopes are
+:func:`~anomalib_adfa.scoring.soft_topk.logistic_weights` of :math:`\beta - b\,(d_j - c)` (one exponential and
+one reciprocal per element, written so that the four row sums cost one traversal; its docstring says how), and
+the gradient pass composes :func:`~anomalib_adfa.scoring.soft_topk.topk_weight_grad`. The shift, a distance
+close to the row's own (its nearest or its mean), keeps the argument free of cancellation: in float32
+:math:`\beta - b d` of two terms near 6000 (seen in sharp mode) would leave the threshold search a resolution
+of 5e-4, far coarser than its tolerance.
 
-.. math::
-
-    z_j = \frac{1}{1 + e_j}, \qquad s_j = z_j (1 - z_j) = e_j z_j^2 ,
-
-so one exponential and one reciprocal give both, and :math:`s_j` has no cancellation where :math:`z_j` is
-close to 1. :math:`e_j` is computed as :math:`2^{-a_j \log_2 e}`: Inductor's CPU heuristics store any
-``exp`` or ``sigmoid`` result that feeds more than one sum (a full write and re-read of the chunk), while
-``exp2`` stays in registers, so the four sums below cost one traversal. The extra rounding of the product
-:math:`a_j \log_2 e` is below 4e-7 relative on :math:`e_j` for the arguments that carry weight
-(:math:`|a_j| < 16`).
-
-Distances arrive as the raw matmul of :func:`~anomalib_adfa.patch_scoring.distance_operands` (tiny negative
+Distances arrive as the raw matmul of :func:`~anomalib_adfa.scoring.distances.distance_operands` (tiny negative
 values from rounding included) and are clamped at 0 inside every pass rather than in a pass of their own.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from anomalib_adfa import native_kernels
-from anomalib_adfa.soft_topk import may_exit_early
+from anomalib_adfa.scoring import native
+from anomalib_adfa.scoring.soft_topk import logistic_weights, slope_mean, topk_weight_grad
 
 logger = logging.getLogger(__name__)
-
-_LOG2_E = 1.0 / math.log(2.0)
-
-
-def argument_floor(dtype: torch.dtype) -> float:
-    r"""Lower bound :math:`\ell = \log\sqrt{\text{tiny}}` of the sigmoid argument (about -43.7 in float32).
-
-    The floor changes weights below :math:`\sqrt{\text{tiny}}` (about 1e-19 in float32), far below the
-    precision of any row sum, and keeps the squared weights of the Newton slope out of the subnormal range,
-    which would slow the sharp mode's widely spread logits several-fold on CPU.
-    """
-    return 0.5 * math.log(torch.finfo(dtype).tiny)
 
 
 def weight_terms(
     distances: torch.Tensor, beta: torch.Tensor, slope: torch.Tensor, shift: torch.Tensor
 ) -> tuple[torch.Tensor, ...]:
-    r"""Clamped distances, weights :math:`z` and slopes :math:`s = z(1 - z)` of a chunk (see the module docstring).
+    r"""Clamped distances, weights :math:`z` and slopes :math:`s = z(1 - z)` of a chunk (module docstring).
 
     Args:
         distances: Raw distances ``(R, N)``.
@@ -75,10 +52,7 @@ def weight_terms(
         ``(d, z, s)``, each ``(R, N)``.
     """
     clamped = distances.clamp_min(0.0)
-    argument = torch.clamp_min(beta - slope * (clamped - shift), argument_floor(distances.dtype))
-    decay = torch.exp2(argument * -_LOG2_E)
-    weights = 1.0 / (1.0 + decay)
-    return clamped, weights, decay * weights * weights
+    return clamped, *logistic_weights(beta - slope * (clamped - shift))
 
 
 def _row_sums(clamped: torch.Tensor, weights: torch.Tensor, slopes: torch.Tensor) -> list[torch.Tensor]:
@@ -101,7 +75,7 @@ def _sums_and_gradient(
     sums = _row_sums(clamped, weights, slopes)
     # The mean distance is taken from the separate row sums, not from their concatenation: Inductor then fuses
     # the sums and the gradient into one loop over each row (the row stays in L1 between them).
-    mean_distance = sums[3] / sums[1].clamp_min(torch.finfo(sums[1].dtype).tiny)
+    mean_distance = slope_mean(sums[3], sums[1])
     gradient.copy_(score_gradient(distances, clamped, weights, slopes, slope, mean_distance, zero))
     return torch.cat(sums, dim=-1)
 
@@ -117,6 +91,9 @@ def score_gradient(
 ) -> torch.Tensor:
     r"""Gradient of each row's score by its squared distances per unit of upstream gradient (:data:`sums_and_gradient`).
 
+    For :math:`s = \sum_j z_j d_j` with logits :math:`a - b d`: :math:`\partial s / \partial d_j = z_j - b\,
+    \text{topk\_weight\_grad}(s, d, \bar d)_j`, the direct term and the implicit one with :math:`g = d`.
+
     Args:
         distances: Raw distances ``(R, n)``.
         clamped: The distances clamped at 0, ``(R, n)``.
@@ -126,7 +103,7 @@ def score_gradient(
         mean_distance: :math:`\bar d = \sum s d / \sum s`, ``(R, 1)``.
         zero: The distance of a clamped squared distance (``> 0`` in the ``"euclidean"`` mode).
     """
-    value = weights - slope * slopes * (clamped - mean_distance)
+    value = weights - slope * topk_weight_grad(slopes, clamped, mean_distance)
     if zero > 0.0:  # "euclidean": d = sqrt(q + eps), so dd/dq = 1 / (2 d)
         value = 0.5 * value / distances
     return torch.where(distances > zero, value, 0.0)
@@ -156,15 +133,15 @@ class ChunkKernel:
     dtype; Inductor caches the code on disk, so later processes load it in about a second).
     If it fails, typically for want of a C++ compiler, every kernel falls back to plain PyTorch for the rest
     of the process, with one warning. While tracing, exporting or inside another ``torch.compile`` the plain
-    function runs, so exported graphs hold ordinary operators. ``TORCHDYNAMO_DISABLE=1`` (PyTorch's own
-    switch) runs the plain functions throughout.
+    function runs (the caller says so with ``eager=False``), so exported graphs hold ordinary operators.
+    ``TORCHDYNAMO_DISABLE=1`` (PyTorch's own switch) runs the plain functions throughout.
 
     Args:
         function: The pass, in plain PyTorch (kept as :attr:`function`).
         min_elements: A lower :attr:`min_elements` for this kernel (``own_min_elements``), for work on per-row
             columns rather than on a chunk: there a call of a few thousand elements already costs a millisecond
             of eager operator dispatch.
-        native: The pass in C (:mod:`anomalib_adfa.native_kernels`), called with the same arguments; it returns
+        native: The pass in C (:mod:`anomalib_adfa.scoring.native`), called with the same arguments; it returns
             ``None`` where it does not run (not built, or not float32 CPU tensors). It has no compile cost per
             shape, so it serves chunks of every size.
     """
@@ -186,15 +163,18 @@ class ChunkKernel:
         self.native = native
         self._compiled: Callable[..., Any] | None = None
 
-    def __call__(self, *args: Any) -> Any:
-        if self.native is not None and may_exit_early():
+    def __call__(self, *args: Any, eager: bool) -> Any:
+        """Run the pass on ``args``; ``eager=False`` (tracing, exporting, compiling) runs the plain function."""
+        if not eager:
+            return self.function(*args)
+        if self.native is not None:
             result = self.native(*args)
             if result is not None:
                 return result
         threshold = ChunkKernel.min_elements
         if self.own_min_elements is not None:
             threshold = min(threshold, self.own_min_elements)
-        if not may_exit_early() or ChunkKernel.compiler_failed or args[0].numel() < threshold:
+        if ChunkKernel.compiler_failed or args[0].numel() < threshold:
             return self.function(*args)
         if self._compiled is None:
             self._compiled = torch.compile(self.function, dynamic=True, fullgraph=True)
@@ -211,22 +191,22 @@ class ChunkKernel:
             return self.function(*args)
 
 
-weight_sums = ChunkKernel(_weight_sums, native=native_kernels.row_sums)
+weight_sums = ChunkKernel(_weight_sums, native=native.row_sums)
 r"""``weight_sums(distances (R, N), beta (R, 1), slope (R, 1), shift (R, 1)) -> (R, 4)``: row sums
 :math:`[\sum z,\ \sum s,\ \sum z d,\ \sum s d]`, one evaluation of the threshold search. :math:`\sum z - k` is
 its residual and :math:`\sum s` its slope, :math:`\sum z d` the patch score, and :math:`\sum s d / \sum s` the
 weighted mean distance :math:`\bar d` of the backward pass."""
 
-sums_and_gradient = ChunkKernel(_sums_and_gradient, native=native_kernels.row_sums)
+sums_and_gradient = ChunkKernel(_sums_and_gradient, native=native.row_sums)
 r"""``sums_and_gradient(distances, beta, slope, shift, zero, gradient (R, N)) -> (R, 4)``: :data:`weight_sums`, and
 the gradient of each row's score by its squared distances per unit of upstream gradient written into ``gradient``,
 in one pass. For :math:`s = \sum_j z_j d_j` with logits :math:`a - b d` the implicit gradient of the soft top-k
-(:func:`~anomalib_adfa.soft_topk.topk_weight_grad`) gives :math:`\partial s / \partial d_j = z_j - b\, s_j
+(:func:`~anomalib_adfa.scoring.soft_topk.topk_weight_grad`) gives :math:`\partial s / \partial d_j = z_j - b\, s_j
 (d_j - \bar d)` with :math:`\bar d = \sum s d / \sum s`, a sum of the same pass. The clamp at 0 passes no gradient
 where it is active (``distances <= zero``); with ``zero > 0`` (the ``"euclidean"`` mode, ``distances`` already
 :math:`\sqrt{q + \epsilon}` and ``zero`` :math:`= \sqrt\epsilon`) the chain rule adds :math:`1 / (2 d)`."""
 
-row_extremes = ChunkKernel(_row_extremes, native=native_kernels.row_extremes)
+row_extremes = ChunkKernel(_row_extremes, native=native.row_extremes)
 r"""``row_extremes(distances, shift (R, 1)) -> (R, 6)``: :math:`\min d`, :math:`\max d` and the sums
 :math:`\sum (d - c)^j`, :math:`j = 1 .. 4`, of the clamped distances; the shift :math:`c`, close to the row mean,
 keeps the moments free of cancellation."""
