@@ -40,12 +40,7 @@ from anomalib_adfa.backbones import NORMALIZATIONS, backbone_normalization, stag
 from anomalib_adfa.checkpoint import CONFIGURATION_KEY, check_compatibility, effective_configuration
 from anomalib_adfa.descriptor import PUBLIC_ATTENTION_KERNEL
 from anomalib_adfa.errors import ConfigurationError
-from anomalib_adfa.export import (
-    ONNX_OPSET_VERSION,
-    install_export_guard,
-    keep_float32_inference,
-    quiet_onnx_passes,
-)
+from anomalib_adfa.export import AdfaExport
 from anomalib_adfa.feature_cache import FeatureCache, random_transform_reason
 from anomalib_adfa.loss import AdfaLoss
 from anomalib_adfa.mask_frame import FramedPreProcessor, MaskResolution
@@ -60,7 +55,7 @@ from anomalib_adfa.visualization import MedicalImageVisualizer
 logger = logging.getLogger(__name__)
 
 
-class Adfa(AnomalibModule):
+class Adfa(AdfaExport, AnomalibModule):
     """ADFA: frozen CNN features adapted towards per-position centres with a soft top-k loss.
 
     Args:
@@ -127,7 +122,6 @@ class Adfa(AnomalibModule):
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        install_export_guard(Adfa)
         # Resolved before anomalib saves the hyperparameters, so checkpoints name the layers that ran.
         if layers is None:
             layers = stage_layers(backbone)
@@ -371,7 +365,8 @@ class Adfa(AnomalibModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint trained with another configuration; score it with this model's scoring settings.
 
-        Runs for ``test``, ``validate``, ``predict`` and ``fit`` with ``ckpt_path`` and for the ADFA export guard.
+        Runs for ``test``, ``validate``, ``predict`` and ``fit`` with ``ckpt_path`` and for
+        :func:`~anomalib_adfa.export.export_checkpoint`.
         The blur kernel is a buffer derived from ``sigma``: the checkpoint's copy is replaced by this model's, so a
         requested ``sigma`` takes effect instead of the checkpoint's (the difference is logged by the check).
         """
@@ -381,53 +376,6 @@ class Adfa(AnomalibModule):
         if kernel_key in state:
             state[kernel_key] = self.model.anomaly_map_generator.blur.kernel.detach().clone()
         super().on_load_checkpoint(checkpoint)
-
-    # ------------------------------------------------------------------ export
-    def to_onnx(
-        self,
-        export_root: Path | str,
-        model_file_name: str = "model",
-        input_size: tuple[int, int] | None = None,
-        **kwargs: Any,
-    ) -> Path:
-        """Export to ONNX as anomalib does, with opset :data:`ONNX_OPSET_VERSION` unless ``opset_version`` is given.
-
-        ``to_openvino`` converts through this method, so it gets the same default. The exporter's per-pass INFO
-        logging is silenced (:func:`~anomalib_adfa.export.quiet_onnx_passes`).
-        """
-        kwargs.setdefault("opset_version", ONNX_OPSET_VERSION)
-        with quiet_onnx_passes():
-            return super().to_onnx(export_root, model_file_name, input_size, **kwargs)
-
-    def to_openvino(
-        self,
-        export_root: Path | str,
-        model_file_name: str = "model",
-        input_size: tuple[int, int] | None = None,
-        ov_kwargs: dict[str, Any] | None = None,
-        **kwargs: Any,
-    ) -> Path:
-        """Export to OpenVINO IR as anomalib does, pinned to float32 inference unless asked otherwise.
-
-        OpenVINO's CPU plugin computes in bfloat16 by default on CPUs that support it, which moves ADFA's
-        normalised scores by about 1e-2 and can flip labels near the threshold. The IR is therefore written
-        with every operation marked to keep its float32 precision (see
-        :func:`~anomalib_adfa.export.keep_float32_inference`). ``ov_kwargs={"inference_precision": "bf16"}``
-        (or ``"f16"``; CLI: ``--ov_kwargs '{"inference_precision": "bf16"}'``) leaves the IR unmarked, so the
-        runtime's default precision applies; the remaining ``ov_kwargs`` go to ``openvino.convert_model``.
-
-        Returns:
-            Path of the ``.xml`` file.
-        """
-        ov_kwargs = dict(ov_kwargs or {})
-        precision = ov_kwargs.pop("inference_precision", "f32")
-        if precision not in {"f32", "bf16", "f16"}:
-            msg = f"inference_precision must be 'f32', 'bf16' or 'f16', got {precision!r}"
-            raise ValueError(msg)
-        xml_path = super().to_openvino(export_root, model_file_name, input_size, ov_kwargs=ov_kwargs, **kwargs)
-        if precision == "f32":
-            keep_float32_inference(xml_path)
-        return xml_path
 
     # ------------------------------------------------------------------ anomalib hooks
     @property

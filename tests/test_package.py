@@ -72,3 +72,28 @@ def test_the_model_never_imports_the_reference_forms() -> None:
         if "anomalib_adfa.reference" in _imports(ast.parse(path.read_text()), set(files))
     ]
     assert importers == []
+
+
+# Imports every module of the package, builds a model, and names every anomalib class attribute whose code is ours.
+UNTOUCHED = """
+import importlib, pkgutil
+import anomalib_adfa
+from anomalib.cli import AnomalibCLI
+from anomalib.data import AnomalibDataModule
+from anomalib.engine import Engine
+from anomalib.models.components import AnomalibModule
+from lightning.pytorch import LightningModule, Trainer
+
+for module in pkgutil.walk_packages(anomalib_adfa.__path__, "anomalib_adfa."):
+    importlib.import_module(module.name)
+anomalib_adfa.Adfa(backbone="tf_efficientnet_lite0", pre_trained=False)
+classes = (AnomalibCLI, AnomalibDataModule, Engine, AnomalibModule, LightningModule, Trainer)
+print([f"{cls.__name__}.{name}" for cls in classes for name, value in vars(cls).items()
+       if "anomalib_adfa" in getattr(getattr(value, "__code__", None), "co_filename", "")])
+"""
+
+
+def test_importing_the_package_and_building_adfa_leave_anomalib_classes_alone() -> None:
+    result = subprocess.run([sys.executable, "-W", "ignore", "-c", UNTOUCHED], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "[]"
