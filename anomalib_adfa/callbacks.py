@@ -44,11 +44,11 @@ from anomalib.data import Batch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.nn import functional as F  # noqa: N812
-from torchmetrics.functional.classification import binary_auroc
 
 from anomalib_adfa.crossfit import CrossFitThreshold
 from anomalib_adfa.errors import ConfigurationError
 from anomalib_adfa.mask_frame import crop_box, to_image_frame, transform_geometry
+from anomalib_adfa.metrics import exact_auroc
 from anomalib_adfa.operating_point import thresholds
 from anomalib_adfa.outputs import prediction_folder
 from anomalib_adfa.pixel_metrics import threshold_label
@@ -137,25 +137,6 @@ SELECTION_QUANTITIES: dict[str, tuple[str, str]] = {
 """Logged name and direction of each label-free validation quantity."""
 
 
-def rank_auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    """AUROC of raw scores, with no sigmoid applied (ties count one half).
-
-    torchmetrics passes scores outside [0, 1] through a sigmoid, which saturates large raw anomaly scores to
-    ties; min-max scaling in float64 first keeps every distinct raw score distinct.
-
-    Args:
-        scores: ``(N,)`` raw scores.
-        labels: ``(N,)`` labels, 1 for anomalous; both classes must be present.
-
-    Returns:
-        The AUROC.
-    """
-    scores = scores.double().flatten()
-    span = scores.max() - scores.min()
-    scaled = (scores - scores.min()) / span if span > 0 else torch.zeros_like(scores)
-    return float(binary_auroc(scaled, labels.flatten().long()))
-
-
 def label_free_quantity(scores: torch.Tensor, labels: torch.Tensor, quantity: SelectionQuantity) -> float:
     """Compute a validation quantity that uses no real anomaly.
 
@@ -190,7 +171,7 @@ def label_free_quantity(scores: torch.Tensor, labels: torch.Tensor, quantity: Se
         normal_scores, synthetic_scores = scores.flatten()[normal].double(), scores.flatten()[~normal].double()
         spread = normal_scores.std().clamp_min(torch.finfo(torch.float64).tiny)
         return float((synthetic_scores.mean() - normal_scores.mean()) / spread)
-    return rank_auroc(scores, labels)
+    return exact_auroc(scores, labels)
 
 
 class LabelFreeCheckpoint(ModelCheckpoint):

@@ -161,11 +161,10 @@ def run_demo(
     from anomalib.data import Folder
     from anomalib.engine import Engine
     from lightning.pytorch import seed_everything
-    from sklearn.metrics import roc_auc_score
 
     from anomalib_adfa.backbones import LITE0_BACKBONE, efficientnet_lite0_weights
     from anomalib_adfa.lightning_model import Adfa
-    from anomalib_adfa.pixel_metrics import pixel_auroc
+    from anomalib_adfa.metrics import exact_auroc
     from anomalib_adfa.synthetic import ABNORMAL_DIR, MASK_DIR, NORMAL_DIR, NORMAL_TEST_DIR, make_phantom_dataset
 
     started = time.perf_counter()
@@ -214,8 +213,8 @@ def run_demo(
     maps = torch.cat([batch.anomaly_map.reshape(-1, *batch.anomaly_map.shape[-2:]) for batch in predictions])
     paths = [Path(path) for batch in predictions for path in batch.image_path]
     masks = torch.cat([batch.gt_mask.reshape(-1, *batch.gt_mask.shape[-2:]) for batch in predictions])
-    auroc = float(roc_auc_score(labels, scores))
-    localisation = pixel_auroc(maps, masks)
+    auroc = exact_auroc(torch.from_numpy(scores), torch.from_numpy(labels))
+    localisation = exact_auroc(maps, masks)
 
     overlay_dir = output / "overlays"
     overlay_dir.mkdir(exist_ok=True)
