@@ -27,10 +27,10 @@ Three more changes, each explicit here and limited to what the command line or a
 - In the process of the ``anomalib`` script itself (not in Python that merely imports anomalib's CLI),
   ``anomalib export --model Adfa ... --ckpt_path ...`` loads the checkpoint
   into the requested model with ADFA's compatibility check and exports into the checkpoint's run folder
-  (:func:`anomalib_adfa.export.route_cli_checkpoint_exports`, which wraps ``Engine.export`` for ADFA
+  (:func:`anomalib_adfa.deploy.export.route_cli_checkpoint_exports`, which wraps ``Engine.export`` for ADFA
   models with a checkpoint only). This is the one change to an anomalib class the plugin makes, and
   only here: importing ``anomalib_adfa`` or building :class:`~anomalib_adfa.Adfa` changes nothing of
-  anomalib's; in Python, :func:`anomalib_adfa.export.export_checkpoint` is the explicit form.
+  anomalib's; in Python, :func:`anomalib_adfa.deploy.export.export_checkpoint` is the explicit form.
 """
 
 from __future__ import annotations
@@ -85,8 +85,8 @@ class _ImportAfterLoader(importlib.abc.Loader):
             for message in _CLI_IMPORT_WARNINGS:
                 warnings.filterwarnings("ignore", message=message, category=FutureWarning)
             self.inner.exec_module(module)
+            from anomalib_adfa.deploy.export import route_cli_checkpoint_exports
             from anomalib_adfa.errors import install_cli_excepthook
-            from anomalib_adfa.export import route_cli_checkpoint_exports
 
             install_cli_excepthook()
             if Path(sys.argv[0]).name == CLI_SCRIPT:

@@ -11,7 +11,7 @@ callbacks (the model options must match the checkpoint's architecture)::
         [--trainer.callbacks.csv_path my_scores.csv]
 
 ``pred_label`` in the table is the post-processor's: with ADFA's default
-:class:`~anomalib_adfa.post_processing.SpecificityPostProcessor`, the threshold fitted on the validation
+:class:`~anomalib_adfa.evaluation.post_processing.SpecificityPostProcessor`, the threshold fitted on the validation
 normals at the target specificity.
 
 :class:`LabelFreeCheckpoint` keeps the checkpoint of the epoch with the best validation quantity that
@@ -22,7 +22,7 @@ needs no real anomaly (the AUROC of held-out normals against synthetic anomalies
         --trainer.callbacks+=anomalib_adfa.callbacks.LabelFreeCheckpoint
         [--trainer.callbacks.quantity normal_score] --trainer.check_val_every_n_epoch 1
 
-:class:`~anomalib_adfa.crossfit.CrossFitThreshold` (defined in :mod:`anomalib_adfa.crossfit`, importable from here)
+:class:`.CrossFitThreshold` (defined in :mod:`.crossfit`, importable from here)
 trains the model on every normal and sets its threshold on out-of-fold scores::
 
     anomalib train --model Adfa ... --data.val_split_mode crossfit
@@ -45,13 +45,13 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.nn import functional as F  # noqa: N812
 
-from anomalib_adfa.crossfit import CrossFitThreshold
 from anomalib_adfa.errors import ConfigurationError
+from anomalib_adfa.evaluation.crossfit import CrossFitThreshold
+from anomalib_adfa.evaluation.metrics import exact_auroc
+from anomalib_adfa.evaluation.operating_point import thresholds
+from anomalib_adfa.evaluation.pixel_metrics import threshold_label
 from anomalib_adfa.mask_frame import crop_box, to_image_frame, transform_geometry
-from anomalib_adfa.metrics import exact_auroc
-from anomalib_adfa.operating_point import thresholds
 from anomalib_adfa.outputs import prediction_folder
-from anomalib_adfa.pixel_metrics import threshold_label
 
 __all__ = ["CrossFitThreshold", "EvaluationRecorder", "LabelFreeCheckpoint", "ScoreCSVWriter"]
 

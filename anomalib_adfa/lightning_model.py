@@ -8,7 +8,7 @@ This module is the thin Lightning side: it builds :class:`~anomalib_adfa.torch_m
 centre bank before the first step (:mod:`~anomalib_adfa.centers`), serves the frozen features from the cache
 (:mod:`~anomalib_adfa.feature_cache`), and calls ``AdfaModel.forward`` in every step (the loss is
 :class:`~anomalib_adfa.loss.AdfaLoss` of its patch scores). Checkpoint checks are in
-:mod:`~anomalib_adfa.checkpoint`, the export methods in :mod:`~anomalib_adfa.export`.
+:mod:`~anomalib_adfa.deploy.checkpoint`, the export methods in :mod:`~anomalib_adfa.deploy.export`.
 
 Example:
     >>> from anomalib.engine import Engine
@@ -37,9 +37,12 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 
 from anomalib_adfa.backbones import stage_layers
 from anomalib_adfa.centers import mean_training_descriptor
-from anomalib_adfa.checkpoint import CONFIGURATION_KEY, accept_checkpoint, effective_configuration
+from anomalib_adfa.deploy.checkpoint import CONFIGURATION_KEY, accept_checkpoint, effective_configuration
+from anomalib_adfa.deploy.export import AdfaExport
 from anomalib_adfa.descriptor import PUBLIC_ATTENTION_KERNEL
-from anomalib_adfa.export import AdfaExport
+from anomalib_adfa.evaluation.metrics import clinical_test_metrics
+from anomalib_adfa.evaluation.pixel_metrics import LocalisationEvaluator, pixel_test_metrics
+from anomalib_adfa.evaluation.post_processing import SpecificityPostProcessor
 from anomalib_adfa.feature_cache import (
     FeatureCache,
     cached_features,
@@ -49,13 +52,10 @@ from anomalib_adfa.feature_cache import (
 )
 from anomalib_adfa.loss import AdfaLoss
 from anomalib_adfa.mask_frame import MaskResolution, default_pre_processor
-from anomalib_adfa.metrics import clinical_test_metrics
 from anomalib_adfa.patch_scoring import DistanceMode
-from anomalib_adfa.pixel_metrics import LocalisationEvaluator, pixel_test_metrics
-from anomalib_adfa.post_processing import SpecificityPostProcessor
+from anomalib_adfa.report.visualization import MedicalImageVisualizer
 from anomalib_adfa.soft_topk import TopKMode
 from anomalib_adfa.torch_model import AdfaModel
-from anomalib_adfa.visualization import MedicalImageVisualizer
 
 logger = logging.getLogger(__name__)
 
@@ -94,9 +94,9 @@ class Adfa(AdfaExport, AnomalibModule):
         post_processor: Post-processor, or ``True`` for :class:`SpecificityPostProcessor` (threshold at 95 %
             specificity on the validation normals).
         evaluator: Evaluator, or ``True`` for the default: image AUROC and F1, the clinical image metrics
-            (:func:`~anomalib_adfa.metrics.clinical_test_metrics`) and, where the test set has masks, pixel
+            (:func:`~anomalib_adfa.evaluation.metrics.clinical_test_metrics`) and, where the test set has masks, pixel
             AUROC, AUPRO (FPR limit 0.3), Dice and IoU (see :meth:`configure_evaluator`).
-        visualizer: Visualizer, or ``True`` for :class:`~anomalib_adfa.visualization.MedicalImageVisualizer`.
+        visualizer: Visualizer, or ``True`` for :class:`~anomalib_adfa.report.visualization.MedicalImageVisualizer`.
     """
 
     def __init__(
@@ -179,7 +179,7 @@ class Adfa(AdfaExport, AnomalibModule):
         """Use anomalib's image visualiser with the project's reader, so DICOM and 16-bit inputs draw.
 
         anomalib's own re-opens every input with PIL, which cannot read DICOM (see
-        :class:`~anomalib_adfa.visualization.MedicalImageVisualizer`).
+        :class:`~anomalib_adfa.report.visualization.MedicalImageVisualizer`).
         """
         return MedicalImageVisualizer()
 
@@ -189,7 +189,7 @@ class Adfa(AdfaExport, AnomalibModule):
 
     @staticmethod
     def configure_evaluator() -> Evaluator:
-        """Clinical image metrics (:func:`~.metrics.clinical_test_metrics`) and pixel metrics (:mod:`.pixel_metrics`).
+        """Clinical image metrics (:func:`.clinical_test_metrics`) and pixel metrics (:mod:`.pixel_metrics`).
 
         The pixel metrics (``pixel_AUROC``, ``pixel_AUPRO@fpr0.3``, ``pixel_Dice@<threshold source>``,
         ``pixel_IoU@<threshold source>``) are computed only when the test batches carry masks; they replace the
@@ -267,7 +267,7 @@ class Adfa(AdfaExport, AnomalibModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the effective configuration, which :func:`~anomalib_adfa.checkpoint.check_compatibility` reads."""
+        """Store the effective configuration, which :func:`.check_compatibility` reads."""
         super().on_save_checkpoint(checkpoint)
         checkpoint[CONFIGURATION_KEY] = effective_configuration(self.hparams)
 
@@ -275,7 +275,7 @@ class Adfa(AdfaExport, AnomalibModule):
         """Refuse a checkpoint trained with another configuration; score it with this model's scoring settings.
 
         Runs for ``test``, ``validate``, ``predict`` and ``fit`` with ``ckpt_path`` and for
-        :func:`~anomalib_adfa.export.export_checkpoint`. The blur kernel is a buffer derived from ``sigma``: the
+        :func:`~anomalib_adfa.deploy.export.export_checkpoint`. The blur kernel is a buffer derived from ``sigma``: the
         checkpoint's copy is replaced by this model's, so a requested ``sigma`` takes effect instead of the
         checkpoint's (the difference is logged by the check).
         """

@@ -5,9 +5,9 @@ training run, and the same folder every time). :func:`prediction_folder` picks, 
 ``<run>/predictions/<n>`` (the first free ``n``), where ``<run>`` is the run folder of ``--ckpt_path``
 (``<run>/weights/lightning/<file>.ckpt``; the checkpoint's own folder for a checkpoint stored elsewhere), or the
 trainer's ``default_root_dir`` without a checkpoint. :class:`~anomalib_adfa.callbacks.ScoreCSVWriter` and
-:class:`~anomalib_adfa.visualization.MedicalImageVisualizer` both write there, so one prediction run never
+:class:`~anomalib_adfa.report.visualization.MedicalImageVisualizer` both write there, so one prediction run never
 overwrites another's scores or overlays. Exports of a checkpoint go to its run folder too
-(:func:`~anomalib_adfa.export.export_checkpoint`).
+(:func:`~anomalib_adfa.deploy.export.export_checkpoint`).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from anomalib.engine import Engine
 
 from anomalib_adfa import Adfa
 from anomalib_adfa.backbones import LITE0_BACKBONE, LITE0_LAYERS, efficientnet_lite0_weights
-from anomalib_adfa.checkpoint import (
+from anomalib_adfa.deploy.checkpoint import (
     COMPONENT_ARGUMENTS,
     CONFIGURATION_KEY,
     LOADING_IRRELEVANT_SETTINGS,
@@ -29,7 +29,7 @@ from anomalib_adfa.checkpoint import (
     check_compatibility,
     effective_configuration,
 )
-from anomalib_adfa.export import export_checkpoint, load_checkpoint_into
+from anomalib_adfa.deploy.export import export_checkpoint, load_checkpoint_into
 from anomalib_adfa.synthetic import ABNORMAL_DIR, MASK_DIR, NORMAL_DIR, NORMAL_TEST_DIR, make_phantom_dataset
 
 CONFIG = {
@@ -147,7 +147,7 @@ def test_a_different_scoring_setting_is_applied_and_logged(
 ) -> None:
     trained = Adfa.load_from_checkpoint(checkpoint_path).eval()
     requested = Adfa(**{**CONFIG, name: SCORING_CHANGES[name]})
-    with caplog.at_level(logging.WARNING, logger="anomalib_adfa.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="anomalib_adfa.deploy.checkpoint"):
         load_checkpoint_into(requested, checkpoint_path)
     saved = trained.hparams[name]
     assert f"{name}: checkpoint has {saved!r}, this model has {SCORING_CHANGES[name]!r}" in caplog.text
@@ -204,7 +204,7 @@ def test_engine_test_scores_a_checkpoint_with_the_requested_topk_mode(
     checkpoint_path: Path, phantom_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     requested = Adfa(**{**CONFIG, "topk_mode": "hard"})
-    with caplog.at_level(logging.WARNING, logger="anomalib_adfa.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="anomalib_adfa.deploy.checkpoint"):
         _engine(tmp_path).test(requested, datamodule=_datamodule(phantom_root), ckpt_path=checkpoint_path)
     assert "topk_mode: checkpoint has 'reference', this model has 'hard'" in caplog.text
     assert requested.model.scorer.topk.mode == "hard"

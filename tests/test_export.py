@@ -32,7 +32,7 @@ from torchvision.transforms.v2.functional import resize
 
 from anomalib_adfa import Adfa, patch_scoring
 from anomalib_adfa.callbacks import ScoreCSVWriter
-from anomalib_adfa.export import ONNX_OPSET_VERSION, PRECISION_ATTRIBUTE, export_checkpoint
+from anomalib_adfa.deploy.export import ONNX_OPSET_VERSION, PRECISION_ATTRIBUTE, export_checkpoint
 from anomalib_adfa.outputs import checkpoint_run_folder
 from anomalib_adfa.patch_scoring import PatchScorer
 from anomalib_adfa.soft_topk import TOPK_MODES
@@ -337,7 +337,7 @@ def test_cli_openvino_export_runs_in_a_default_openvino_inferencer_without_the_p
     # A second export of the same checkpoint (here the Python form) goes to a new folder, leaving the first.
     first = xml_path.read_bytes()
     engine = Engine(accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
-    with caplog.at_level(logging.INFO, logger="anomalib_adfa.export"):
+    with caplog.at_level(logging.INFO, logger="anomalib_adfa.deploy.export"):
         second = export_checkpoint(engine, Adfa(**FAST_CONFIG), "openvino", checkpoint)
     assert second == run / "weights" / "openvino-1" / "model.xml"
     assert second.is_file()

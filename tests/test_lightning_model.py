@@ -18,7 +18,7 @@ from torchvision.transforms import v2
 
 from anomalib_adfa import Adfa
 from anomalib_adfa.backbones import LITE0_LAYERS
-from anomalib_adfa.checkpoint import IncompatibleCheckpointError
+from anomalib_adfa.deploy.checkpoint import IncompatibleCheckpointError
 from anomalib_adfa.feature_cache import feature_fingerprint
 
 SMALL = {

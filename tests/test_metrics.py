@@ -14,7 +14,7 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from anomalib_adfa.metrics import TEST_SPECIFICITIES, clinical_test_metrics, exact_auroc
+from anomalib_adfa.evaluation.metrics import TEST_SPECIFICITIES, clinical_test_metrics, exact_auroc
 
 
 def _sklearn(labels: np.ndarray, scores: np.ndarray, predicted: np.ndarray) -> dict[str, float]:

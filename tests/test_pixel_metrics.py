@@ -16,8 +16,8 @@ from sklearn.metrics import f1_score, jaccard_score, roc_auc_score
 
 from anomalib_adfa.callbacks import REPORT_DATA_DIR
 from anomalib_adfa.data import BUSIDataset, load_image
-from anomalib_adfa.metrics import exact_auroc
-from anomalib_adfa.pixel_metrics import (
+from anomalib_adfa.evaluation.metrics import exact_auroc
+from anomalib_adfa.evaluation.pixel_metrics import (
     MaskMismatchError,
     _binned,
     _binned_auroc,
@@ -27,7 +27,7 @@ from anomalib_adfa.pixel_metrics import (
     pixel_metrics,
     threshold_label,
 )
-from anomalib_adfa.post_processing import SpecificityPostProcessor
+from anomalib_adfa.evaluation.post_processing import SpecificityPostProcessor
 from anomalib_adfa.synthetic import make_phantom_dataset
 
 

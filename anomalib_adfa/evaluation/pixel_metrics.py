@@ -2,7 +2,7 @@
 
 Three metrics, all computed from raw anomaly maps of shape ``(N, H, W)`` and binary masks of the same shape:
 
-- **pixel AUROC**: every pixel of every test image is one sample (exact: :func:`~anomalib_adfa.metrics.exact_auroc`).
+- **pixel AUROC**: every pixel of every test image is one sample (exact: :func:`.exact_auroc`).
 - **AUPRO** (anomalib's :class:`~anomalib.metrics.AUPRO`, FPR limit :data:`FPR_LIMIT` = 0.3): each connected
   lesion region weighs the same whatever its size; the area under the per-region-overlap vs false-positive-rate
   curve up to FPR 0.3, divided by 0.3.
@@ -42,8 +42,8 @@ from anomalib.utils.cv import connected_components_cpu
 from lightning.pytorch import LightningModule, Trainer
 from torchmetrics.classification import BinaryJaccardIndex
 
-from anomalib_adfa.metrics import exact_auroc
-from anomalib_adfa.operating_point import OperatingPointEvaluator
+from anomalib_adfa.evaluation.metrics import exact_auroc
+from anomalib_adfa.evaluation.operating_point import OperatingPointEvaluator
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def threshold_label(post_processor: Any, val_split_mode: Any, level: str = "pixe
     """Say where a post-processor's pixel (or image) threshold comes from.
 
     - A post-processor may state it with a ``pixel_threshold_label`` (``image_threshold_label``) attribute.
-    - One with a ``target_specificity`` (:class:`~anomalib_adfa.post_processing.SpecificityPostProcessor`) puts
+    - One with a ``target_specificity`` (:class:`.SpecificityPostProcessor`) puts
       the threshold at that specificity on the validation normals, without masks: ``val_spec95`` for 0.95.
     - Otherwise anomalib's F1-adaptive threshold maximises the F1 score on the validation set, which for pixels
       is the pooled Dice: ``val_max_dice`` (``val_max_f1``). A ``from_train`` validation set has no anomalies

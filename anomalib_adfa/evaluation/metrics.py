@@ -1,7 +1,7 @@
 """Image-level test metrics a clinic reads, as anomalib metrics built on torchmetrics.
 
 At the operating point (``pred_label``, i.e. the post-processor's threshold; with ADFA's default
-:class:`~anomalib_adfa.post_processing.SpecificityPostProcessor` a threshold fixed on validation
+:class:`~anomalib_adfa.evaluation.post_processing.SpecificityPostProcessor` a threshold fixed on validation
 normals): :class:`Sensitivity`, :class:`Specificity`, :class:`PPV`, :class:`NPV` and
 :class:`BalancedAccuracy`. Threshold-free (``pred_score``): anomalib's ``AUROC``, :class:`AUPR` and
 :class:`SensitivityAtSpecificity` (the best sensitivity at a test specificity of at least 90 / 95 /

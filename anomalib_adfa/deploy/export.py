@@ -31,7 +31,7 @@ hyperparameters: the requested configuration would be ignored silently, both a m
 requested scoring settings. anomalib offers no hook between the two (``load_from_checkpoint`` is a class method
 and never sees the requested model). :func:`export_checkpoint` is the explicit ADFA way: it loads the checkpoint
 into the *requested* model through the model's ``on_load_checkpoint`` (the same check as ``test``/``predict``,
-:func:`~anomalib_adfa.checkpoint.check_compatibility`) and exports that model. The ``anomalib export`` command
+:func:`~anomalib_adfa.deploy.checkpoint.check_compatibility`) and exports that model. The ``anomalib export`` command
 line reaches it through :func:`route_cli_checkpoint_exports`, which only the start-up hook calls, only in the
 process of anomalib's command line (:mod:`anomalib_adfa_autoload`); importing or building ADFA changes nothing
 of anomalib's.

@@ -26,7 +26,7 @@ hyperparameters.
 
 :func:`check_compatibility` is the one check: ``Adfa.on_load_checkpoint`` calls it (through
 :func:`accept_checkpoint`), which Lightning runs for ``test``, ``validate``, ``predict`` and ``fit`` with
-``ckpt_path``, and :func:`anomalib_adfa.export.export_checkpoint` loads checkpoints through the same hook.
+``ckpt_path``, and :func:`anomalib_adfa.deploy.export.export_checkpoint` loads checkpoints through the same hook.
 """
 
 from __future__ import annotations

@@ -39,8 +39,8 @@ from PIL import Image
 from sklearn.metrics import roc_curve
 
 from anomalib_adfa.callbacks import REPORT_DATA_DIR
-from anomalib_adfa.conformal import clopper_pearson
-from anomalib_adfa.metrics import exact_auroc
+from anomalib_adfa.evaluation.conformal import clopper_pearson
+from anomalib_adfa.evaluation.metrics import exact_auroc
 
 CASES_PER_GALLERY = 4
 HEATMAP_COLORMAP = "jet"
