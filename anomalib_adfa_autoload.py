@@ -13,7 +13,7 @@ When ``anomalib.models`` is first imported from inside an ``anomalib_adfa`` modu
 module back; the finder then waits until the outermost ``anomalib_adfa`` module has finished
 and imports them then.
 
-Two more registrations, both explicit here and limited to what anomalib looks up:
+Three more changes, each explicit here and limited to what the command line or a lookup needs:
 
 - ``anomalib.models.get_model`` and ``anomalib.data.get_datamodule`` (used by ``anomalib
   benchmark``) find a configured ``class_path`` only as an attribute of ``anomalib.models`` /
@@ -24,6 +24,13 @@ Two more registrations, both explicit here and limited to what anomalib looks up
   weights) are shown as their one message (:func:`anomalib_adfa.errors.install_cli_excepthook`),
   and two deprecation warnings of anomalib's own imports (timm's moved layers, anomalib's DINOv2
   package) are hidden there.
+- In the process of the ``anomalib`` script itself (not in Python that merely imports anomalib's CLI),
+  ``anomalib export --model Adfa ... --ckpt_path ...`` loads the checkpoint
+  into the requested model with ADFA's compatibility check and exports into the checkpoint's run folder
+  (:func:`anomalib_adfa.deploy.export.route_cli_checkpoint_exports`, which wraps ``Engine.export`` for ADFA
+  models with a checkpoint only). This is the one change to an anomalib class the plugin makes, and
+  only here: importing ``anomalib_adfa`` or building :class:`~anomalib_adfa.Adfa` changes nothing of
+  anomalib's; in Python, :func:`anomalib_adfa.deploy.export.export_checkpoint` is the explicit form.
 """
 
 from __future__ import annotations
@@ -33,10 +40,13 @@ import importlib.abc
 import importlib.machinery
 import sys
 import warnings
+from pathlib import Path
 from types import ModuleType
 
 TRIGGER = "anomalib.models"
 CLI_MODULE = "anomalib.cli.cli"
+CLI_SCRIPT = "anomalib"
+"""Name of anomalib's command-line script (``sys.argv[0]`` of the process that runs it)."""
 PACKAGE = "anomalib_adfa"
 PLUGIN_MODULES = ("anomalib_adfa.lightning_model", "anomalib_adfa.data")
 NAMESPACES = (
@@ -75,9 +85,12 @@ class _ImportAfterLoader(importlib.abc.Loader):
             for message in _CLI_IMPORT_WARNINGS:
                 warnings.filterwarnings("ignore", message=message, category=FutureWarning)
             self.inner.exec_module(module)
+            from anomalib_adfa.deploy.export import route_cli_checkpoint_exports
             from anomalib_adfa.errors import install_cli_excepthook
 
             install_cli_excepthook()
+            if Path(sys.argv[0]).name == CLI_SCRIPT:
+                route_cli_checkpoint_exports()
             return
         if self.trigger:
             self.inner.exec_module(module)

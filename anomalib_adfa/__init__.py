@@ -12,15 +12,15 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from anomalib_adfa.evaluation.post_processing import RankPreservingPostProcessor, SpecificityPostProcessor
     from anomalib_adfa.lightning_model import Adfa
-    from anomalib_adfa.post_processing import RankPreservingPostProcessor, SpecificityPostProcessor
     from anomalib_adfa.torch_model import AdfaModel
 
 _LAZY = {
     "Adfa": "anomalib_adfa.lightning_model",
     "AdfaModel": "anomalib_adfa.torch_model",
-    "RankPreservingPostProcessor": "anomalib_adfa.post_processing",
-    "SpecificityPostProcessor": "anomalib_adfa.post_processing",
+    "RankPreservingPostProcessor": "anomalib_adfa.evaluation.post_processing",
+    "SpecificityPostProcessor": "anomalib_adfa.evaluation.post_processing",
 }
 
 __all__ = ["Adfa", "AdfaModel", "RankPreservingPostProcessor", "SpecificityPostProcessor"]

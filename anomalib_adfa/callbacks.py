@@ -11,7 +11,7 @@ callbacks (the model options must match the checkpoint's architecture)::
         [--trainer.callbacks.csv_path my_scores.csv]
 
 ``pred_label`` in the table is the post-processor's: with ADFA's default
-:class:`~anomalib_adfa.post_processing.SpecificityPostProcessor`, the threshold fitted on the validation
+:class:`~anomalib_adfa.evaluation.post_processing.SpecificityPostProcessor`, the threshold fitted on the validation
 normals at the target specificity.
 
 :class:`LabelFreeCheckpoint` keeps the checkpoint of the epoch with the best validation quantity that
@@ -22,7 +22,7 @@ needs no real anomaly (the AUROC of held-out normals against synthetic anomalies
         --trainer.callbacks+=anomalib_adfa.callbacks.LabelFreeCheckpoint
         [--trainer.callbacks.quantity normal_score] --trainer.check_val_every_n_epoch 1
 
-:class:`~anomalib_adfa.crossfit.CrossFitThreshold` (defined in :mod:`anomalib_adfa.crossfit`, importable from here)
+:class:`.CrossFitThreshold` (defined in :mod:`.crossfit`, importable from here)
 trains the model on every normal and sets its threshold on out-of-fold scores::
 
     anomalib train --model Adfa ... --data.val_split_mode crossfit
@@ -44,14 +44,14 @@ from anomalib.data import Batch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.nn import functional as F  # noqa: N812
-from torchmetrics.functional.classification import binary_auroc
 
-from anomalib_adfa.crossfit import CrossFitThreshold
 from anomalib_adfa.errors import ConfigurationError
+from anomalib_adfa.evaluation.crossfit import CrossFitThreshold
+from anomalib_adfa.evaluation.metrics import exact_auroc
+from anomalib_adfa.evaluation.operating_point import thresholds
+from anomalib_adfa.evaluation.pixel_metrics import threshold_label
 from anomalib_adfa.mask_frame import crop_box, to_image_frame, transform_geometry
-from anomalib_adfa.operating_point import thresholds
 from anomalib_adfa.outputs import prediction_folder
-from anomalib_adfa.pixel_metrics import threshold_label
 
 __all__ = ["CrossFitThreshold", "EvaluationRecorder", "LabelFreeCheckpoint", "ScoreCSVWriter"]
 
@@ -137,25 +137,6 @@ SELECTION_QUANTITIES: dict[str, tuple[str, str]] = {
 """Logged name and direction of each label-free validation quantity."""
 
 
-def rank_auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    """AUROC of raw scores, with no sigmoid applied (ties count one half).
-
-    torchmetrics passes scores outside [0, 1] through a sigmoid, which saturates large raw anomaly scores to
-    ties; min-max scaling in float64 first keeps every distinct raw score distinct.
-
-    Args:
-        scores: ``(N,)`` raw scores.
-        labels: ``(N,)`` labels, 1 for anomalous; both classes must be present.
-
-    Returns:
-        The AUROC.
-    """
-    scores = scores.double().flatten()
-    span = scores.max() - scores.min()
-    scaled = (scores - scores.min()) / span if span > 0 else torch.zeros_like(scores)
-    return float(binary_auroc(scaled, labels.flatten().long()))
-
-
 def label_free_quantity(scores: torch.Tensor, labels: torch.Tensor, quantity: SelectionQuantity) -> float:
     """Compute a validation quantity that uses no real anomaly.
 
@@ -190,7 +171,7 @@ def label_free_quantity(scores: torch.Tensor, labels: torch.Tensor, quantity: Se
         normal_scores, synthetic_scores = scores.flatten()[normal].double(), scores.flatten()[~normal].double()
         spread = normal_scores.std().clamp_min(torch.finfo(torch.float64).tiny)
         return float((synthetic_scores.mean() - normal_scores.mean()) / spread)
-    return rank_auroc(scores, labels)
+    return exact_auroc(scores, labels)
 
 
 class LabelFreeCheckpoint(ModelCheckpoint):

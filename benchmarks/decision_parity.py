@@ -36,7 +36,7 @@ from anomalib.engine import Engine
 from anomalib_adfa import Adfa
 from anomalib_adfa.backbones import efficientnet_lite0_weights
 from anomalib_adfa.data import BrainMRI, MedicalFolder
-from anomalib_adfa.predict import ExportedModel, predict
+from anomalib_adfa.deploy.predict import ExportedModel, predict
 from benchmarks.machine import cpu_model
 
 

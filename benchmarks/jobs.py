@@ -6,7 +6,7 @@ raw image scores recorded before anomalib's post-processor normalises them, trai
 errors returned as results instead of being hidden in a log file.
 
 Each job runs under one validation protocol (:data:`PROTOCOLS`); every model gets ADFA's post-processor
-(:class:`~anomalib_adfa.post_processing.SpecificityPostProcessor`: threshold at :data:`TARGET_SPECIFICITY` on the
+(:class:`.SpecificityPostProcessor`: threshold at :data:`TARGET_SPECIFICITY` on the
 validation normals) and evaluator, so the operating point and anomalib's printed clinical metrics are comparable.
 """
 
@@ -34,9 +34,9 @@ from lightning import Callback, LightningModule, Trainer, seed_everything
 
 from anomalib_adfa import Adfa
 from anomalib_adfa.callbacks import CrossFitThreshold, EvaluationRecorder, LabelFreeCheckpoint
-from anomalib_adfa.conformal import clopper_pearson
 from anomalib_adfa.data import BUSI, BrainMRI, Covid, SIPaKMeD
-from anomalib_adfa.pixel_metrics import pixel_metrics, threshold_label
+from anomalib_adfa.evaluation.conformal import clopper_pearson
+from anomalib_adfa.evaluation.pixel_metrics import pixel_metrics, threshold_label
 from anomalib_adfa.scoring import kl_weight
 from benchmarks.metrics import auroc, best_f1, bootstrap_auroc_ci, operating_point
 from benchmarks.models import TARGET_SPECIFICITY, UnsupportedModelError, build_model, recommended_selection
@@ -58,7 +58,7 @@ PROTOCOLS: dict[str, str] = {
 """Benchmark protocol -> datamodule ``val_split_mode``. ``paper`` reproduces Table 1; its thresholds are
 test-calibrated (the validation set is the test set). ``synthetic`` and ``from_train`` hold out half of the training
 normals. ``crossfit`` trains on all of them and sets the threshold on out-of-fold scores of :data:`CROSSFIT_FOLDS` fold
-models (:class:`~anomalib_adfa.crossfit.CrossFitThreshold`), for every model alike."""
+models (:class:`~anomalib_adfa.evaluation.crossfit.CrossFitThreshold`), for every model alike."""
 
 CROSSFIT_FOLDS = 5
 """Fold models of the ``crossfit`` protocol."""

@@ -1,7 +1,7 @@
 """Image metrics computed from raw anomaly scores, with bootstrap confidence intervals; operating points.
 
 The metrics here never see anomalib's post-processed (min-max normalised, clipped) scores, so they are a check on
-the ``image_AUROC`` that anomalib prints. Pixel metrics are in :mod:`anomalib_adfa.pixel_metrics`.
+the ``image_AUROC`` that anomalib prints. Pixel metrics are in :mod:`anomalib_adfa.evaluation.pixel_metrics`.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
-from anomalib_adfa.conformal import Interval, conformal_rank
-from anomalib_adfa.post_processing import RankPreservingPostProcessor
+from anomalib_adfa.evaluation.conformal import Interval, conformal_rank
+from anomalib_adfa.evaluation.post_processing import RankPreservingPostProcessor
 
 
 def _check_binary(labels: np.ndarray, scores: np.ndarray) -> None:
@@ -144,7 +144,7 @@ def operating_point(
     """Test sensitivity/specificity at the validation-normal quantile threshold, with percentile bootstrap CIs.
 
     The threshold is the validation normals' order statistic of rank
-    :func:`~anomalib_adfa.conformal.conformal_rank` (a score above it is abnormal), as the post-processor's.
+    :func:`~anomalib_adfa.evaluation.conformal.conformal_rank` (a score above it is abnormal), as the post-processor's.
 
     Args:
         val_normal_scores: Raw scores of the validation normal images, shape ``(M,)``.

@@ -45,7 +45,7 @@ from tqdm import tqdm
 from anomalib_adfa import Adfa
 from anomalib_adfa.backbones import LITE0_BACKBONE, efficientnet_lite0_weights
 from anomalib_adfa.mask_frame import MASK_RESOLUTIONS
-from anomalib_adfa.visual_report import write_report as write_html_report
+from anomalib_adfa.report.visual_report import write_report as write_html_report
 from benchmarks.jobs import CROSSFIT_FOLDS, DATASETS, PROTOCOLS, JobContext, JobSpec, MedicalBenchmarkJob
 from benchmarks.models import DOCUMENTED_EPOCHS, MODEL_NAMES, TARGET_SPECIFICITY, ModelSettings
 from benchmarks.report import (

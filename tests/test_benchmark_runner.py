@@ -14,7 +14,7 @@ import torch
 
 from anomalib_adfa.backbones import LITE0_BACKBONE, efficientnet_lite0_weights, load_state_dict_file
 from anomalib_adfa.callbacks import CrossFitThreshold
-from anomalib_adfa.conformal import clopper_pearson
+from anomalib_adfa.evaluation.conformal import clopper_pearson
 from benchmarks import run
 from benchmarks.jobs import CROSSFIT_FOLDS, PROTOCOLS, JobSpec, MedicalBenchmarkJob, _ScoreRecorder
 from benchmarks.metrics import auroc, best_f1, bootstrap_auroc_ci, operating_point

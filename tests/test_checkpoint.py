@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import logging
 import re
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from anomalib.engine import Engine
 
 from anomalib_adfa import Adfa
 from anomalib_adfa.backbones import LITE0_BACKBONE, LITE0_LAYERS, efficientnet_lite0_weights
-from anomalib_adfa.checkpoint import (
+from anomalib_adfa.deploy.checkpoint import (
     COMPONENT_ARGUMENTS,
     CONFIGURATION_KEY,
     LOADING_IRRELEVANT_SETTINGS,
@@ -28,7 +29,7 @@ from anomalib_adfa.checkpoint import (
     check_compatibility,
     effective_configuration,
 )
-from anomalib_adfa.export import load_checkpoint_into
+from anomalib_adfa.deploy.export import export_checkpoint, load_checkpoint_into
 from anomalib_adfa.synthetic import ABNORMAL_DIR, MASK_DIR, NORMAL_DIR, NORMAL_TEST_DIR, make_phantom_dataset
 
 CONFIG = {
@@ -146,7 +147,7 @@ def test_a_different_scoring_setting_is_applied_and_logged(
 ) -> None:
     trained = Adfa.load_from_checkpoint(checkpoint_path).eval()
     requested = Adfa(**{**CONFIG, name: SCORING_CHANGES[name]})
-    with caplog.at_level(logging.WARNING, logger="anomalib_adfa.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="anomalib_adfa.deploy.checkpoint"):
         load_checkpoint_into(requested, checkpoint_path)
     saved = trained.hparams[name]
     assert f"{name}: checkpoint has {saved!r}, this model has {SCORING_CHANGES[name]!r}" in caplog.text
@@ -187,15 +188,15 @@ def test_every_entry_point_refuses_a_mismatched_checkpoint(
     entry_point: str, checkpoint_path: Path, phantom_root: Path, tmp_path: Path
 ) -> None:
     engine = _engine(tmp_path, max_epochs=2)
-    if entry_point == "export":
-        arguments = {"export_type": "onnx", "export_root": tmp_path}
-    elif entry_point == "predict":
-        arguments = {"data_path": phantom_root / NORMAL_TEST_DIR}
-    else:
-        arguments = {"datamodule": _datamodule(phantom_root)}
     requested = Adfa(**{**CONFIG, "attention_eps": 0.0})
+    if entry_point == "export":  # ADFA's explicit form of engine.export(requested, "onnx", ckpt_path=...)
+        run = partial(export_checkpoint, engine, requested, "onnx", export_root=tmp_path)
+    elif entry_point == "predict":
+        run = partial(engine.predict, requested, data_path=phantom_root / NORMAL_TEST_DIR)
+    else:
+        run = partial(getattr(engine, entry_point), requested, datamodule=_datamodule(phantom_root))
     with pytest.raises(IncompatibleCheckpointError, match=r"attention_eps: checkpoint has 0\.1, this model has 0\.0"):
-        getattr(engine, entry_point)(requested, ckpt_path=checkpoint_path, **arguments)
+        run(ckpt_path=checkpoint_path)
     assert not list(tmp_path.rglob("*.onnx"))
 
 
@@ -203,7 +204,7 @@ def test_engine_test_scores_a_checkpoint_with_the_requested_topk_mode(
     checkpoint_path: Path, phantom_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     requested = Adfa(**{**CONFIG, "topk_mode": "hard"})
-    with caplog.at_level(logging.WARNING, logger="anomalib_adfa.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="anomalib_adfa.deploy.checkpoint"):
         _engine(tmp_path).test(requested, datamodule=_datamodule(phantom_root), ckpt_path=checkpoint_path)
     assert "topk_mode: checkpoint has 'reference', this model has 'hard'" in caplog.text
     assert requested.model.scorer.topk.mode == "hard"

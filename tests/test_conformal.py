@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.stats import binomtest
 
-from anomalib_adfa.conformal import (
+from anomalib_adfa.evaluation.conformal import (
     check_specificity,
     clopper_pearson,
     conformal_rank,

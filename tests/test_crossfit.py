@@ -22,10 +22,10 @@ from anomalib.post_processing import PostProcessor
 from anomalib_adfa import Adfa, SpecificityPostProcessor
 from anomalib_adfa.backbones import LITE0_BACKBONE, efficientnet_lite0_weights
 from anomalib_adfa.callbacks import SELECTION_QUANTITIES, CrossFitThreshold, LabelFreeCheckpoint
-from anomalib_adfa.crossfit import _VALIDATION_QUANTITIES, CROSSFIT_SCORES_FILE
 from anomalib_adfa.data import MedicalFolder
 from anomalib_adfa.data.split import seeded_folds
-from anomalib_adfa.post_processing import RankPreservingPostProcessor
+from anomalib_adfa.evaluation.crossfit import _VALIDATION_QUANTITIES, CROSSFIT_SCORES_FILE
+from anomalib_adfa.evaluation.post_processing import RankPreservingPostProcessor
 from anomalib_adfa.synthetic import make_phantom_dataset
 from benchmarks.models import ModelSettings, build_model
 

@@ -30,7 +30,7 @@ from PIL import Image
 
 from anomalib_adfa import Adfa
 from anomalib_adfa.data import MedicalFolder
-from anomalib_adfa.predict import ExportedModel, predict
+from anomalib_adfa.deploy.predict import ExportedModel, predict
 from anomalib_adfa.synthetic import ABNORMAL_DIR, NORMAL_DIR, NORMAL_TEST_DIR, make_phantom_dataset
 
 pytestmark = pytest.mark.slow

@@ -17,7 +17,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -25,11 +24,9 @@ import torch
 from anomalib.data import Folder
 from anomalib.engine import Engine
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
-from torch.utils.data import DataLoader, DistributedSampler
 
 from anomalib_adfa import Adfa
 from anomalib_adfa.feature_cache import FeatureCache
-from anomalib_adfa.lightning_model import _distinct_shard_batches
 from anomalib_adfa.loss import AdfaLoss
 from anomalib_adfa.synthetic import make_phantom_dataset
 
@@ -196,23 +193,6 @@ def test_first_step_loss_and_gradients_match_single_process(ddp_run: tuple[Path,
     for name, param in model.model.descriptor.named_parameters():
         torch.testing.assert_close(ranks[0]["grads"][name], ranks[1]["grads"][name], rtol=0.0, atol=0.0)
         assert _relative_error(ranks[0]["grads"][name], param.grad) < 1e-4, name
-
-
-@pytest.mark.parametrize(("num_images", "world_size", "batch_size"), [(9, 2, 2), (10, 4, 3), (5, 3, 4), (2, 3, 1)])
-def test_centre_pass_drops_sampler_padding(num_images: int, world_size: int, batch_size: int) -> None:
-    paths = [f"image_{index}.png" for index in range(num_images)]
-
-    def collate(indices: list[int]) -> SimpleNamespace:
-        return SimpleNamespace(image=torch.tensor(indices), image_path=[paths[index] for index in indices])
-
-    seen: list[str] = []
-    for rank in range(world_size):
-        sampler = DistributedSampler(range(num_images), num_replicas=world_size, rank=rank, shuffle=True, seed=SEED)
-        loader = DataLoader(range(num_images), batch_size=batch_size, sampler=sampler, collate_fn=collate)
-        for images, batch_paths in _distinct_shard_batches(loader):
-            assert batch_paths == [paths[index] for index in images.tolist()]
-            seen += batch_paths
-    assert sorted(seen) == sorted(paths)
 
 
 def _image_auroc(root: Path, tmp_dir: Path, ckpt_path: Path | None = None) -> tuple[float, Adfa]:

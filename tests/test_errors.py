@@ -118,7 +118,8 @@ def test_bare_adfa_offline_says_what_to_pass_at_once(tmp_path: Path) -> None:
 def test_anomalib_adfa_prints_input_errors_in_one_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    from anomalib_adfa import cli, visual_report
+    from anomalib_adfa import cli
+    from anomalib_adfa.report import visual_report
 
     def unreadable(run_folder: Path, output: Path | None) -> Path:
         raise CorruptImageError(f"1 image file(s) cannot be read; fix or remove them:\n  {run_folder}/a.png")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import logging
 import subprocess
 import sys
 import textwrap
@@ -31,7 +32,8 @@ from torchvision.transforms.v2.functional import resize
 
 from anomalib_adfa import Adfa
 from anomalib_adfa.callbacks import ScoreCSVWriter
-from anomalib_adfa.export import ONNX_OPSET_VERSION, PRECISION_ATTRIBUTE
+from anomalib_adfa.deploy.export import ONNX_OPSET_VERSION, PRECISION_ATTRIBUTE, export_checkpoint
+from anomalib_adfa.outputs import checkpoint_run_folder
 from anomalib_adfa.scoring import TOPK_MODES, PatchScorer, fused
 from anomalib_adfa.synthetic import ABNORMAL_DIR, NORMAL_DIR, NORMAL_TEST_DIR, make_phantom_dataset
 
@@ -302,6 +304,7 @@ def test_cli_openvino_export_runs_in_a_default_openvino_inferencer_without_the_p
     tmp_path: Path,
     bfloat16_bound: float,
     openvino_default_is_bfloat16: bool,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     model, checkpoint = trained
     command = [
@@ -317,13 +320,28 @@ def test_cli_openvino_export_runs_in_a_default_openvino_inferencer_without_the_p
         [*command, "--default_root_dir", str(tmp_path)], capture_output=True, text=True, cwd=tmp_path, check=False
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    (xml_path,) = tmp_path.rglob("model.xml")
+    # The export lands in the checkpoint's run folder, not in --default_root_dir, and the log says where.
+    run = checkpoint_run_folder(checkpoint)
+    xml_path = run / "weights" / "openvino" / "model.xml"
+    assert xml_path.is_file()
+    assert str(xml_path) in result.stdout + result.stderr
+    assert not list(tmp_path.rglob("model.xml"))
     onnx_path = model.to_onnx(export_root=tmp_path / "onnx", input_size=None)
 
     exported = _run_default_consumers(xml_path, onnx_path, image_paths, tmp_path)
     expected = _torch_predictions(model, image_paths)
     bound = bfloat16_bound if openvino_default_is_bfloat16 else None
     _assert_same_decisions("openvino", "cli", exported["openvino"], expected, image_paths, bound)
+
+    # A second export of the same checkpoint (here the Python form) goes to a new folder, leaving the first.
+    first = xml_path.read_bytes()
+    engine = Engine(accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    with caplog.at_level(logging.INFO, logger="anomalib_adfa.deploy.export"):
+        second = export_checkpoint(engine, Adfa(**FAST_CONFIG), "openvino", checkpoint)
+    assert second == run / "weights" / "openvino-1" / "model.xml"
+    assert second.is_file()
+    assert xml_path.read_bytes() == first
+    assert str(second.parent) in caplog.text
 
 
 def test_torch_export_runs_in_torch_inferencer(
@@ -355,6 +373,7 @@ def test_cli_export_refuses_a_checkpoint_trained_with_another_configuration(
     assert "IncompatibleCheckpointError" in result.stderr
     assert "gamma_d: checkpoint has 4, this model has 8" in result.stderr
     assert not list(tmp_path.rglob("*.onnx"))
+    assert not list(checkpoint_run_folder(trained[1]).rglob("*.onnx"))
 
 
 def test_predict_writes_overlays_and_a_score_csv(

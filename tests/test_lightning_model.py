@@ -18,7 +18,8 @@ from torchvision.transforms import v2
 
 from anomalib_adfa import Adfa
 from anomalib_adfa.backbones import LITE0_LAYERS
-from anomalib_adfa.checkpoint import IncompatibleCheckpointError
+from anomalib_adfa.deploy.checkpoint import IncompatibleCheckpointError
+from anomalib_adfa.feature_cache import feature_fingerprint
 
 SMALL = {
     "backbone": "tf_efficientnet_lite0",
@@ -159,12 +160,16 @@ def small_adfa(**kwargs: object) -> Adfa:
     return Adfa(**{**SMALL, "image_size": (72, 72), "center_crop_size": (64, 64), **kwargs})
 
 
+def fingerprint(model: Adfa) -> str:
+    return feature_fingerprint(model.hparams, model.pre_processor.transform)
+
+
 def test_fingerprint_tracks_backbone_layers_and_pre_processing() -> None:
-    reference = small_adfa()._feature_fingerprint()
-    assert small_adfa()._feature_fingerprint() == reference
-    assert small_adfa(image_size=(80, 80))._feature_fingerprint() != reference
-    assert small_adfa(input_normalization="imagenet")._feature_fingerprint() != reference
-    assert small_adfa(layers=("blocks.1", "blocks.2", "blocks.6"))._feature_fingerprint() != reference
+    reference = fingerprint(small_adfa())
+    assert fingerprint(small_adfa()) == reference
+    assert fingerprint(small_adfa(image_size=(80, 80))) != reference
+    assert fingerprint(small_adfa(input_normalization="imagenet")) != reference
+    assert fingerprint(small_adfa(layers=("blocks.1", "blocks.2", "blocks.6"))) != reference
 
 
 @pytest.mark.parametrize(("augmentations", "cached"), [(v2.Resize((64, 64)), True), (v2.RandomVerticalFlip(), False)])
@@ -179,7 +184,7 @@ def test_train_start_disables_the_cache_for_random_augmentations(
         model.on_train_start()
     assert model.feature_cache.enabled is cached
     assert ("RandomVerticalFlip" in caplog.text) is not cached
-    assert (model.feature_cache.fingerprint == model._feature_fingerprint()) is cached
+    assert (model.feature_cache.fingerprint == fingerprint(model)) is cached
 
 
 def test_default_layers_are_the_stride_4_8_16_stages_and_saved_as_such() -> None:

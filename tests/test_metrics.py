@@ -6,9 +6,15 @@ import numpy as np
 import pytest
 import torch
 from anomalib.data import ImageBatch
-from sklearn.metrics import average_precision_score, balanced_accuracy_score, confusion_matrix, roc_curve
+from sklearn.metrics import (
+    average_precision_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    roc_auc_score,
+    roc_curve,
+)
 
-from anomalib_adfa.metrics import TEST_SPECIFICITIES, clinical_test_metrics
+from anomalib_adfa.evaluation.metrics import TEST_SPECIFICITIES, clinical_test_metrics, exact_auroc
 
 
 def _sklearn(labels: np.ndarray, scores: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
@@ -68,3 +74,12 @@ def test_metric_names_are_distinct() -> None:
     names = [metric.name for metric in clinical_test_metrics()]
     assert len(names) == len(set(names))
     assert "image_Sensitivity_at_Spec95" in names
+
+
+def test_exact_auroc_is_the_raw_scores_auroc_without_sigmoid_ties() -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 200)
+    scores = 1e4 + 100 * rng.normal(size=200) + 50 * labels  # a sigmoid would map all of these to 1.0
+    scores[:20] = scores[20:40]  # ties count one half
+    expected = roc_auc_score(labels, scores)
+    assert exact_auroc(torch.from_numpy(scores), torch.from_numpy(labels)) == pytest.approx(expected, abs=1e-6)

@@ -10,8 +10,8 @@ import torch
 from anomalib.data import ImageBatch
 
 from anomalib_adfa import SpecificityPostProcessor
-from anomalib_adfa.conformal import clopper_pearson
-from anomalib_adfa.operating_point import OperatingPointEvaluator, summarise, thresholds
+from anomalib_adfa.evaluation.conformal import clopper_pearson
+from anomalib_adfa.evaluation.operating_point import OperatingPointEvaluator, summarise, thresholds
 
 
 def _fitted(normal_scores: torch.Tensor, target: float = 0.9) -> SpecificityPostProcessor:
@@ -60,11 +60,11 @@ def test_an_unfitted_post_processor_reports_no_threshold() -> None:
 
 def test_too_few_normals_behind_the_threshold_warn(caplog: pytest.LogCaptureFixture) -> None:
     post_processor = _fitted(torch.arange(1.0, 11.0), target=0.95)  # 10 < 19
-    with caplog.at_level(logging.WARNING, logger="anomalib_adfa.operating_point"):
+    with caplog.at_level(logging.WARNING, logger="anomalib_adfa.evaluation.operating_point"):
         summarise(post_processor, tp=1, fp=0, tn=1, fn=0)
     assert "rests on n = 10 normal images, fewer than the 19" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="anomalib_adfa.operating_point"):
+    with caplog.at_level(logging.WARNING, logger="anomalib_adfa.evaluation.operating_point"):
         summarise(_fitted(torch.arange(1.0, 21.0), target=0.95), tp=1, fp=0, tn=1, fn=0)
     assert caplog.text == ""
 

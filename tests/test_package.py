@@ -62,3 +62,28 @@ def test_command_line_and_kernel_modules_stay_light() -> None:
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+# Imports every module of the package, builds a model, and names every anomalib class attribute whose code is ours.
+UNTOUCHED = """
+import importlib, pkgutil
+import anomalib_adfa
+from anomalib.cli import AnomalibCLI
+from anomalib.data import AnomalibDataModule
+from anomalib.engine import Engine
+from anomalib.models.components import AnomalibModule
+from lightning.pytorch import LightningModule, Trainer
+
+for module in pkgutil.walk_packages(anomalib_adfa.__path__, "anomalib_adfa."):
+    importlib.import_module(module.name)
+anomalib_adfa.Adfa(backbone="tf_efficientnet_lite0", pre_trained=False)
+classes = (AnomalibCLI, AnomalibDataModule, Engine, AnomalibModule, LightningModule, Trainer)
+print([f"{cls.__name__}.{name}" for cls in classes for name, value in vars(cls).items()
+       if "anomalib_adfa" in getattr(getattr(value, "__code__", None), "co_filename", "")])
+"""
+
+
+def test_importing_the_package_and_building_adfa_leave_anomalib_classes_alone() -> None:
+    result = subprocess.run([sys.executable, "-W", "ignore", "-c", UNTOUCHED], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "[]"

@@ -16,16 +16,18 @@ from sklearn.metrics import f1_score, jaccard_score, roc_auc_score
 
 from anomalib_adfa.callbacks import REPORT_DATA_DIR
 from anomalib_adfa.data import BUSIDataset, load_image
-from anomalib_adfa.pixel_metrics import (
+from anomalib_adfa.evaluation.metrics import exact_auroc
+from anomalib_adfa.evaluation.pixel_metrics import (
     MaskMismatchError,
+    _binned,
+    _binned_auroc,
     aupro,
     check_maps_and_masks,
     dice_iou,
-    pixel_auroc,
     pixel_metrics,
     threshold_label,
 )
-from anomalib_adfa.post_processing import SpecificityPostProcessor
+from anomalib_adfa.evaluation.post_processing import SpecificityPostProcessor
 from anomalib_adfa.synthetic import make_phantom_dataset
 
 
@@ -78,7 +80,17 @@ def test_pixel_auroc_keeps_the_order_of_large_raw_scores() -> None:
     masks[:3, 4:9, 3:10] = 1
     maps = 300 + 20 * torch.from_numpy(rng.normal(size=(6, 16, 16))) + 15 * masks
     expected = roc_auc_score(masks.flatten().numpy(), maps.flatten().numpy())
-    assert pixel_auroc(maps, masks) == pytest.approx(expected, abs=1e-6)
+    assert exact_auroc(maps, masks) == pytest.approx(expected, abs=1e-6)
+
+
+def test_binned_bootstrap_auroc_with_unit_weights_is_the_exact_auroc_when_each_value_has_its_bin() -> None:
+    """Maps of ten distinct values: each gets its own bin, so the binned replicate must equal torchmetrics' AUROC."""
+    rng = np.random.default_rng(1)
+    masks = torch.zeros(5, 12, 12, dtype=torch.bool)
+    masks[:3, 3:8, 2:9] = True
+    maps = torch.from_numpy(rng.integers(0, 8, size=(5, 12, 12)) + 2 * masks.numpy()).double()
+    (binned,) = _binned_auroc(np.ones((1, 5)), _binned(maps, masks))
+    assert binned == pytest.approx(exact_auroc(maps, masks), abs=1e-6)
 
 
 def _independent_checks(maps: torch.Tensor, masks: torch.Tensor, threshold: float) -> None:

@@ -13,8 +13,8 @@ from anomalib.cli import AnomalibCLI
 from anomalib.data import ImageBatch
 
 from anomalib_adfa import SpecificityPostProcessor
-from anomalib_adfa.conformal import conformal_rank
-from anomalib_adfa.post_processing import RankPreservingPostProcessor, normal_quantile_threshold
+from anomalib_adfa.evaluation.conformal import conformal_rank
+from anomalib_adfa.evaluation.post_processing import RankPreservingPostProcessor, normal_quantile_threshold
 
 gap = RankPreservingPostProcessor.threshold_in_gap
 SCORES = torch.tensor([0.1, 0.4, 0.2, 0.9, 0.5])

@@ -116,7 +116,7 @@ def exported(trained: Adfa, tmp_path_factory: pytest.TempPathFactory) -> dict[st
 PROBE = textwrap.dedent(
     """
     import json, sys
-    from anomalib_adfa.predict import main
+    from anomalib_adfa.deploy.predict import main
     status = main(sys.argv[2:])
     stack = sorted(m for m in sys.modules if m.split(".")[0] in json.loads(sys.argv[1]))
     stack += [m for m in ("anomalib_adfa.lightning_model", "anomalib_adfa.torch_model") if m in sys.modules]
@@ -208,7 +208,7 @@ def test_read_options_reach_the_exported_model_predictor(
     from PIL import Image
 
     from anomalib_adfa.data import CorruptImageError, ReadOptions
-    from anomalib_adfa.predict import ExportedModel, predict
+    from anomalib_adfa.deploy.predict import ExportedModel, predict
 
     pngs = sorted(phantom_pngs.abnormal_dir.glob("*.png"))[:2]
     frames = np.stack([np.asarray(Image.open(png).convert("L")) for png in pngs])
@@ -224,7 +224,7 @@ def test_read_options_reach_the_exported_model_predictor(
 
 
 def test_an_earlier_score_table_is_never_overwritten(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from anomalib_adfa.predict import main
+    from anomalib_adfa.deploy.predict import main
 
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "scores.csv").write_text("earlier\n")

@@ -13,8 +13,8 @@ import pytest
 
 from anomalib_adfa.callbacks import REPORT_DATA_DIR
 from anomalib_adfa.cli import main
-from anomalib_adfa.conformal import clopper_pearson
-from anomalib_adfa.visual_report import write_report
+from anomalib_adfa.evaluation.conformal import clopper_pearson
+from anomalib_adfa.report.visual_report import write_report
 
 
 def test_recorder_saves_what_the_report_needs(localisation_runs: dict[str, Path]) -> None:

@@ -7,7 +7,7 @@ download (or the folder containing it) as ``root`` and reproduce the paper's Tab
 
 With anomalib's own models, add ``--model.post_processor anomalib_adfa.RankPreservingPostProcessor``
 so that the printed ``image_AUROC`` is the AUROC of the raw scores (see
-:mod:`anomalib_adfa.post_processing`; ADFA uses it by default).
+:mod:`anomalib_adfa.evaluation.post_processing`; ADFA uses it by default).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ Validation protocols (``val_split_mode``):
         A seeded fraction (``val_split_ratio``, default 0.5) of the training normals is held out
         (:func:`~anomalib_adfa.data.split.seeded_partition`, so the same images on every machine). The
         post-processor fits its score normalisation and its operating point (a threshold at a target
-        specificity, :class:`~anomalib_adfa.post_processing.SpecificityPostProcessor`) on these unseen
+        specificity, :class:`~anomalib_adfa.evaluation.post_processing.SpecificityPostProcessor`) on these unseen
         normal images: no test image and no real anomaly is used.
     ``synthetic``
         The same held-out normals, half of them turned into synthetic anomalies by anomalib's own
@@ -20,10 +20,10 @@ Validation protocols (``val_split_mode``):
     ``crossfit``
         All training normals train the deployed model and there is no validation set: the threshold comes
         from out-of-fold scores of ``K`` fold models, each trained on the other folds' normals
-        (:class:`~anomalib_adfa.crossfit.CrossFitThreshold`, which this mode requires:
+        (:class:`~anomalib_adfa.evaluation.crossfit.CrossFitThreshold`, which this mode requires:
         ``--trainer.callbacks+=anomalib_adfa.callbacks.CrossFitThreshold``). Uses every normal twice: to train
         the deployed model, and behind the threshold. Its guarantee is weaker than a held-out split's (see
-        :mod:`anomalib_adfa.conformal`).
+        :mod:`anomalib_adfa.evaluation.conformal`).
     ``same_as_test`` (the paper's protocol)
         All training normals train and the validation set is a copy of the test split. Reproduces
         Table 1; its thresholds are test-calibrated, so ``pred_label`` and every thresholded metric
@@ -35,7 +35,7 @@ Validation protocols (``val_split_mode``):
     holds them for the run folder (:class:`~anomalib_adfa.callbacks.ProtocolRecorder`) and the benchmark.
 
     Every normalisation used here is strictly increasing
-    (:class:`~anomalib_adfa.post_processing.RankPreservingPostProcessor`), so the printed
+    (:class:`~anomalib_adfa.evaluation.post_processing.RankPreservingPostProcessor`), so the printed
     ``image_AUROC`` is the raw scores' AUROC under every protocol; ``tests/data/test_data_metrics.py``
     checks the equality end to end.
 """
@@ -268,7 +268,7 @@ class MedicalDataModule(AnomalibDataModule):
         val_split_mode: Validation protocol (see the module docstring): ``from_train`` (default; held-out
             training normals), ``synthetic`` (held-out normals, half turned into synthetic anomalies),
             ``crossfit`` (no hold-out; threshold from out-of-fold scores, with
-            :class:`~anomalib_adfa.crossfit.CrossFitThreshold`),
+            :class:`~anomalib_adfa.evaluation.crossfit.CrossFitThreshold`),
             ``same_as_test`` (the paper's; reproduces Table 1, its thresholds are test-calibrated),
             ``from_test`` or ``none``.
         val_split_ratio: Fraction of the training normals held out by ``from_train`` and ``synthetic`` (of the

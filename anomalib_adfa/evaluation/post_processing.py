@@ -35,7 +35,7 @@ threshold, which needs anomalous validation images and is test-calibrated under 
 threshold fitted on the validation set's *normal* images only (:class:`NormalQuantileThreshold`): a
 ``pred_label`` of 1 then means "scores above the normal score of conformal rank ``ceil((n + 1) q)`` among ``n``
 unseen normal images", which flags a new normal image with probability at most ``1 - q`` (split conformal; see
-:mod:`anomalib_adfa.conformal` for what each validation protocol guarantees). Everything that applies
+:mod:`anomalib_adfa.evaluation.conformal` for what each validation protocol guarantees). Everything that applies
 anomalib's post-processor inherits it: ``anomalib test``/``predict``, :class:`~anomalib_adfa.callbacks.ScoreCSVWriter`
 and the ONNX/OpenVINO exports (anomalib bakes the post-processor's buffers into the exported graph). Its threshold
 is that score moved into the gap above it (``gap_side = "above"``), which labels every validation image as the score
@@ -55,7 +55,7 @@ from anomalib.post_processing import PostProcessor
 from torchmetrics.aggregation import CatMetric
 from torchmetrics.utilities.data import dim_zero_cat
 
-from anomalib_adfa.conformal import check_specificity, conformal_rank, min_calibration_normals
+from anomalib_adfa.evaluation.conformal import check_specificity, conformal_rank, min_calibration_normals
 
 logger = logging.getLogger(__name__)
 
@@ -158,10 +158,10 @@ def normal_quantile_threshold(normal_scores: torch.Tensor, target_specificity: f
     """Return the split-conformal threshold: the normal score of rank ``k = ceil((n + 1) q)``.
 
     With ``n`` normal scores sorted as ``s_(1) <= ... <= s_(n)``, ``t = s_(k)`` for ``k`` =
-    :func:`~anomalib_adfa.conformal.conformal_rank` (clipped to ``n``). A score is abnormal when it is strictly
+    :func:`.conformal_rank` (clipped to ``n``). A score is abnormal when it is strictly
     greater than ``t`` (anomalib's ``pred > threshold``), so a score equal to ``t`` is normal; a new normal image
     exchangeable with these is then flagged with probability at most ``1 - k / (n + 1) <= 1 - q`` (see
-    :mod:`anomalib_adfa.conformal`). The specificity on these scores themselves is ``#{s_i <= t} / n >= k / n``.
+    :mod:`.conformal`). The specificity on these scores themselves is ``#{s_i <= t} / n >= k / n``.
     (Before issue 21 this rule took ``k = ceil(q n)``, the lower empirical quantile, which flags a new normal image
     with probability up to ``1 - q + 1 / (n + 1)``.)
 

@@ -8,7 +8,7 @@ threshold rests on the other half (BrainMRI: 29 and 29, so the 95 % threshold is
 2. for each fold, a copy of the *untrained* model is trained, with the same trainer settings, on the other
    ``K - 1`` folds and scores the fold it did not see (raw ``pred_score`` and ``anomaly_map``);
 3. the ``n`` out-of-fold predictions are handed to the deployed model's post-processor exactly as a validation epoch
-   would hand them (:class:`~anomalib_adfa.post_processing.SpecificityPostProcessor`: conformal-rank threshold,
+   would hand them (:class:`.SpecificityPostProcessor`: conformal-rank threshold,
    pixel threshold, normalisation range);
 4. the deployed model then trains on all ``n`` normals as usual. Validation is switched off for that fit
    (``limit_val_batches = 0``): a validation epoch would refit the post-processor on other images.
@@ -21,7 +21,7 @@ can do, and it works the same for every anomalib model (ADFA, PaDiM, PatchCore, 
 datamodule side only has to keep every training normal in training: ``--data.val_split_mode crossfit`` for this
 package's datamodules (recorded in ``protocol.json``; it refuses to run without this callback), ``none`` for
 anomalib's own. Guarantee: cross-conformal, about ``2 alpha`` in the worst case, not the split-conformal ``alpha``
-(:mod:`anomalib_adfa.conformal`). Cost: ``K`` extra trainings on ``(K - 1) / K`` of the data.
+(:mod:`anomalib_adfa.evaluation.conformal`). Cost: ``K`` extra trainings on ``(K - 1) / K`` of the data.
 
 CLI::
 
@@ -46,9 +46,9 @@ from anomalib.data.datasets.base.image import AnomalibDataset
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch.utils.data import DataLoader
 
-from anomalib_adfa.conformal import clopper_pearson, conformal_rank, false_alarm_bound
 from anomalib_adfa.data.base import CROSSFIT, seeded_global_rngs
 from anomalib_adfa.data.split import seeded_folds
+from anomalib_adfa.evaluation.conformal import clopper_pearson, conformal_rank, false_alarm_bound
 
 logger = logging.getLogger(__name__)
 

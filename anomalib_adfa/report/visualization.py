@@ -7,7 +7,7 @@ extension-less PACS file) cannot be written, and a 16-bit PNG is clipped to 255 
 :func:`~anomalib_adfa.data.image.load_image` (with the datamodule's DICOM window options, when it has
 them) and overlays of inputs PIL cannot write saved as ``<name>.png``::
 
-    anomalib predict --model Adfa ... --model.visualizer anomalib_adfa.visualization.MedicalImageVisualizer
+    anomalib predict --model Adfa ... --model.visualizer anomalib_adfa.report.visualization.MedicalImageVisualizer
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Score images with an exported model (OpenVINO ``.xml`` or ONNX ``.onnx``), without the training stack.
 
-``anomalib-adfa predict model.xml scans/ more.dcm`` (or ``python -m anomalib_adfa.predict ...``) reads every
+``anomalib-adfa predict model.xml scans/ more.dcm`` (or ``python -m anomalib_adfa.deploy.predict ...``) reads every
 DICOM, PNG, JPEG, BMP or TIFF file given (folders are searched recursively) with the project's one reader
 (:func:`~anomalib_adfa.data.image.read_image_array`: DICOM windowing, 16-bit images), runs the exported graph
 and writes ``<output>/scores.csv`` (``image_path, pred_score, pred_label``) and one heatmap overlay per image
@@ -262,7 +262,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m anomalib_adfa.predict MODEL INPUT...``; see the module docstring."""
+    """``python -m anomalib_adfa.deploy.predict MODEL INPUT...``; see the module docstring."""
     parser = argparse.ArgumentParser(prog="anomalib-adfa predict", description=__doc__.split("\n\n")[0])
     return run(parser, add_arguments(parser).parse_args(argv))
 

@@ -2,7 +2,7 @@
 
 Three metrics, all computed from raw anomaly maps of shape ``(N, H, W)`` and binary masks of the same shape:
 
-- **pixel AUROC**: every pixel of every test image is one sample (exact, from the sorted scores).
+- **pixel AUROC**: every pixel of every test image is one sample (exact: :func:`.exact_auroc`).
 - **AUPRO** (anomalib's :class:`~anomalib.metrics.AUPRO`, FPR limit :data:`FPR_LIMIT` = 0.3): each connected
   lesion region weighs the same whatever its size; the area under the per-region-overlap vs false-positive-rate
   curve up to FPR 0.3, divided by 0.3.
@@ -19,7 +19,10 @@ are exact. The point estimates are always the exact values.
 
 Derivation of the binned replicate (image ``i`` drawn ``w_i`` times, bins ``b`` in increasing score):
 ``P_b = sum_i w_i pos_ib``, ``N_b = sum_i w_i neg_ib``; ``AUROC = sum_b P_b (N_<b + N_b / 2) / (P N)`` (ties
-within a bin count one half). For PRO, ``S_i(t) = sum over regions r of image i of |r above t| / |r|``, so
+within a bin count one half), which is the exact AUROC of the bin indices. The bootstrap weights ``w_i`` are why
+this is not torchmetrics' binned AUROC (``binary_auroc(..., thresholds=...)`` takes no sample weights);
+``tests/test_pixel_metrics.py`` checks that with unit weights both agree. For PRO,
+``S_i(t) = sum over regions r of image i of |r above t| / |r|``, so
 ``PRO(t) = sum_i w_i S_i(t) / sum_i w_i R_i`` with ``R_i`` regions in image ``i``, and
 ``FPR(t) = sum_i w_i FP_i(t) / sum_i w_i BG_i``.
 """
@@ -38,9 +41,9 @@ from anomalib.metrics.base import AnomalibMetric
 from anomalib.utils.cv import connected_components_cpu
 from lightning.pytorch import LightningModule, Trainer
 from torchmetrics.classification import BinaryJaccardIndex
-from torchmetrics.functional.classification import binary_auroc
 
-from anomalib_adfa.operating_point import OperatingPointEvaluator
+from anomalib_adfa.evaluation.metrics import exact_auroc
+from anomalib_adfa.evaluation.operating_point import OperatingPointEvaluator
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +107,7 @@ def threshold_label(post_processor: Any, val_split_mode: Any, level: str = "pixe
     """Say where a post-processor's pixel (or image) threshold comes from.
 
     - A post-processor may state it with a ``pixel_threshold_label`` (``image_threshold_label``) attribute.
-    - One with a ``target_specificity`` (:class:`~anomalib_adfa.post_processing.SpecificityPostProcessor`) puts
+    - One with a ``target_specificity`` (:class:`.SpecificityPostProcessor`) puts
       the threshold at that specificity on the validation normals, without masks: ``val_spec95`` for 0.95.
     - Otherwise anomalib's F1-adaptive threshold maximises the F1 score on the validation set, which for pixels
       is the pooled Dice: ``val_max_dice`` (``val_max_f1``). A ``from_train`` validation set has no anomalies
@@ -169,24 +172,6 @@ def check_maps_and_masks(
             msg = f"the mask of {name(index)} is not binary: values {masks[index].unique()[:5].tolist()}"
             raise MaskMismatchError(msg)
     return maps.double(), masks.bool()
-
-
-def pixel_auroc(maps: torch.Tensor, masks: torch.Tensor) -> float:
-    """Exact pixel AUROC over all pixels of all images.
-
-    Args:
-        maps: Raw anomaly maps ``(N, H, W)``.
-        masks: Binary masks ``(N, H, W)``.
-
-    Returns:
-        The AUROC (ties count one half).
-    """
-    maps, masks = check_maps_and_masks(maps, masks)
-    values = maps.flatten()
-    low, high = values.min(), values.max()
-    # torchmetrics applies a sigmoid to scores outside [0, 1], which ties large raw scores; scaling keeps the order.
-    scaled = (values - low) / (high - low) if high > low else torch.zeros_like(values)
-    return float(binary_auroc(scaled, masks.flatten().int()))
 
 
 def aupro(maps: torch.Tensor, masks: torch.Tensor, fpr_limit: float = FPR_LIMIT) -> float:
@@ -297,7 +282,7 @@ def pixel_metrics(
     dice, iou = _dice_iou_from_counts(counts.sum(axis=0))
     dice_reps, iou_reps = zip(*(_dice_iou_from_counts(row) for row in weights @ counts), strict=True)
     return PixelResult(
-        auroc=pixel_auroc(maps, masks),
+        auroc=exact_auroc(maps, masks),
         auroc_ci=_interval(_binned_auroc(weights, histograms)),
         aupro=aupro(maps, masks),
         aupro_ci=_interval(_binned_aupro(weights, histograms)),

@@ -25,19 +25,22 @@ same pre-processing there and are not refused. The effective configuration of a 
 its checkpoints (:data:`CONFIGURATION_KEY`); for older checkpoints it is derived from their
 hyperparameters.
 
-:func:`check_compatibility` is the one check: ``Adfa.on_load_checkpoint`` calls it, which Lightning
-runs for ``test``, ``validate``, ``predict`` and ``fit`` with ``ckpt_path``, and the export guard in
-:mod:`anomalib_adfa.export` loads checkpoints through the same hook.
+:func:`check_compatibility` is the one check: ``Adfa.on_load_checkpoint`` calls it (through
+:func:`accept_checkpoint`), which Lightning runs for ``test``, ``validate``, ``predict`` and ``fit`` with
+``ckpt_path``, and :func:`anomalib_adfa.deploy.export.export_checkpoint` loads checkpoints through the same hook.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from anomalib_adfa.backbones import input_normalization_statistics
 from anomalib_adfa.errors import AdfaInputError
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -147,3 +150,24 @@ def _comparable(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return tuple(_comparable(item) for item in value)
     return value
+
+
+def accept_checkpoint(
+    hparams: Mapping[str, Any], checkpoint: dict[str, Any], derived_buffers: Mapping[str, torch.Tensor]
+) -> None:
+    """Refuse a checkpoint of another configuration; give it this model's buffers derived from scoring settings.
+
+    Args:
+        hparams: The requested model's hyperparameters.
+        checkpoint: The Lightning checkpoint, changed in place.
+        derived_buffers: ``state_dict`` keys and this model's values of buffers computed from scoring settings
+            (ADFA's blur kernel, from ``sigma``), so a requested setting takes effect instead of the checkpoint's.
+
+    Raises:
+        IncompatibleCheckpointError: See :func:`check_compatibility`.
+    """
+    check_compatibility(hparams, checkpoint)
+    state = checkpoint.get("state_dict", {})
+    for key, value in derived_buffers.items():
+        if key in state:
+            state[key] = value.detach().clone()

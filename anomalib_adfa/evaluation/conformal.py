@@ -12,7 +12,7 @@ the ``n`` calibration images: one threshold's false-alarm rate scatters around i
 
 - ``from_train`` / ``synthetic`` (a held-out calibration split of the training normals) satisfy it exactly:
   the deployed model never saw the calibration normals.
-- ``crossfit`` (:class:`~anomalib_adfa.crossfit.CrossFitThreshold`: the deployed model trains on *all* normals and
+- ``crossfit`` (:class:`.CrossFitThreshold`: the deployed model trains on *all* normals and
   the scores come from ``K`` fold models, each scoring the normals it did not train on) is cross-conformal / CV+:
   the split-conformal bound does not hold; the cross-conformal worst case is about ``2 alpha`` (Barber, Candès,
   Ramdas, Tibshirani 2021, "Predictive inference with the jackknife+", for the fold models' scores), and applying

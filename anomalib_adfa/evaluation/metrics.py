@@ -1,7 +1,7 @@
 """Image-level test metrics a clinic reads, as anomalib metrics built on torchmetrics.
 
 At the operating point (``pred_label``, i.e. the post-processor's threshold; with ADFA's default
-:class:`~anomalib_adfa.post_processing.SpecificityPostProcessor` a threshold fixed on validation
+:class:`~anomalib_adfa.evaluation.post_processing.SpecificityPostProcessor` a threshold fixed on validation
 normals): :class:`Sensitivity`, :class:`Specificity`, :class:`PPV`, :class:`NPV` and
 :class:`BalancedAccuracy`. Threshold-free (``pred_score``): anomalib's ``AUROC``, :class:`AUPR` and
 :class:`SensitivityAtSpecificity` (the best sensitivity at a test specificity of at least 90 / 95 /
@@ -31,6 +31,28 @@ from torchmetrics.classification import (
     BinarySpecificity,
     BinaryStatScores,
 )
+from torchmetrics.functional.classification import binary_auroc
+
+
+def exact_auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Exact AUROC of raw scores (torchmetrics' ``binary_auroc``, ``thresholds=None``; ties count one half).
+
+    The package's one AUROC of raw scores: image scores, pixel maps, label-free validation, reports. torchmetrics
+    passes scores outside [0, 1] through a sigmoid, which saturates large raw anomaly scores to ties; min-max
+    scaling in float64 first keeps every distinct raw score distinct and their order unchanged.
+
+    Args:
+        scores: Raw scores of any shape, e.g. ``(N,)`` image scores or ``(N, H, W)`` maps.
+        labels: Labels of the same number of elements, 1 for anomalous; both classes must be present.
+
+    Returns:
+        The AUROC.
+    """
+    scores = torch.as_tensor(scores).double().flatten()
+    low, high = scores.min(), scores.max()
+    scaled = (scores - low) / (high - low) if high > low else torch.zeros_like(scores)
+    return float(binary_auroc(scaled, torch.as_tensor(labels).flatten().long()))
+
 
 TEST_SPECIFICITIES = (0.90, 0.95, 0.99)
 """Test specificities at which :func:`clinical_test_metrics` reports the best achievable sensitivity."""

@@ -4,11 +4,11 @@
 prints (before Lightning's alphabetical metric table) and logs:
 
 - test sensitivity (abnormal images flagged) and specificity (normal images cleared) of ``pred_label``, with their
-  counts and 95 % exact binomial (Clopper-Pearson) intervals (:func:`~anomalib_adfa.conformal.clopper_pearson`);
+  counts and 95 % exact binomial (Clopper-Pearson) intervals (:func:`.clopper_pearson`);
 - the target specificity, ``n`` (the normal images behind the threshold) and where they came from (held-out
   validation normals, out-of-fold scores, or the test set itself);
 - the threshold in the units of the score CSV and of the exported model (the normalised score, 0.5 with
-  :class:`~anomalib_adfa.post_processing.SpecificityPostProcessor`), with the raw threshold in brackets.
+  :class:`~anomalib_adfa.evaluation.post_processing.SpecificityPostProcessor`), with the raw threshold in brackets.
 
 Logged as ``image_Sensitivity_CI_low``/``_high``, ``image_Specificity_CI_low``/``_high``,
 ``image_threshold_normalized``, ``image_threshold_raw``, ``image_threshold_normals`` and
@@ -27,7 +27,7 @@ from anomalib.metrics import Evaluator
 from lightning.pytorch import LightningModule, Trainer
 from torchmetrics.classification import BinaryStatScores
 
-from anomalib_adfa.conformal import Interval, clopper_pearson, min_calibration_normals
+from anomalib_adfa.evaluation.conformal import Interval, clopper_pearson, min_calibration_normals
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ class OperatingPointEvaluator(Evaluator):
 
     Example:
         >>> from anomalib.models import Padim
-        >>> from anomalib_adfa.metrics import clinical_test_metrics
+        >>> from anomalib_adfa.evaluation.metrics import clinical_test_metrics
         >>> model = Padim(evaluator=OperatingPointEvaluator(test_metrics=clinical_test_metrics()))
     """
 

@@ -36,10 +36,11 @@ import pandas as pd
 from matplotlib import colormaps
 from matplotlib.patches import Rectangle
 from PIL import Image
-from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.metrics import roc_curve
 
 from anomalib_adfa.callbacks import REPORT_DATA_DIR
-from anomalib_adfa.conformal import clopper_pearson
+from anomalib_adfa.evaluation.conformal import clopper_pearson
+from anomalib_adfa.evaluation.metrics import exact_auroc
 
 CASES_PER_GALLERY = 4
 HEATMAP_COLORMAP = "jet"
@@ -214,7 +215,7 @@ def _metrics_table(runs: list[RunData]) -> str:
     rows = []
     for run in runs:
         labels, scores = run.predictions.gt_label.to_numpy(), run.predictions.pred_score.to_numpy()
-        image_auroc = f"{roc_auc_score(labels, scores):.3f}" if len(set(labels.tolist())) == 2 else "-"
+        image_auroc = f"{exact_auroc(scores, labels):.3f}" if len(set(labels.tolist())) == 2 else "-"
         pixel = _pixel_values(run)
         source = run.info.get("threshold_calibration") or run.info.get("image_threshold_source", "")
         cells = [run.dataset, run.name, *_decision_values(run), source]
@@ -270,7 +271,7 @@ def _plot_roc(runs: list[RunData], dataset: str, path: Path) -> None:
         axis.plot(
             fpr,
             tpr,
-            label=f"{run.name} (AUROC {roc_auc_score(labels, scores):.3f})",
+            label=f"{run.name} (AUROC {exact_auroc(scores, labels):.3f})",
             color=colours[models.index(model) % len(colours)],
             linestyle=styles[repeat % len(styles)],
             linewidth=1.6,
