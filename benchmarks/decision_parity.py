@@ -34,9 +34,9 @@ from anomalib.deploy import OpenVINOInferencer, TorchInferencer
 from anomalib.engine import Engine
 
 from anomalib_adfa import Adfa
-from anomalib_adfa.backbones import efficientnet_lite0_weights
 from anomalib_adfa.data import BrainMRI, MedicalFolder
 from anomalib_adfa.deploy.predict import ExportedModel, predict
+from anomalib_adfa.weights import efficientnet_lite0_weights
 from benchmarks.machine import cpu_model
 
 

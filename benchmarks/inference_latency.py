@@ -29,7 +29,7 @@ import openvino as ov
 import torch
 
 from anomalib_adfa import Adfa
-from anomalib_adfa.backbones import LITE0_BACKBONE
+from anomalib_adfa.weights import LITE0_BACKBONE
 from benchmarks.machine import cpu_model
 
 BACKBONES = {

@@ -27,9 +27,10 @@ from anomalib.models.components import AnomalibModule
 from anomalib.pre_processing import PreProcessor
 
 from anomalib_adfa import Adfa, SpecificityPostProcessor
-from anomalib_adfa.backbones import LITE0_BACKBONE, LITE0_LAYERS, load_state_dict_file
+from anomalib_adfa.backbones import LITE0_LAYERS
 from anomalib_adfa.evaluation.metrics import clinical_test_metrics
 from anomalib_adfa.evaluation.operating_point import OperatingPointEvaluator
+from anomalib_adfa.weights import LITE0_BACKBONE, load_state_dict_file
 
 MODEL_NAMES = ("adfa", "adfa_recommended", "padim", "stfpm", "reverse_distillation", "patchcore", "cfa")
 

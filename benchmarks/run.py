@@ -33,6 +33,7 @@ import os
 import platform
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,10 +44,11 @@ import torch
 from tqdm import tqdm
 
 from anomalib_adfa import Adfa
-from anomalib_adfa.backbones import LITE0_BACKBONE, efficientnet_lite0_weights
 from anomalib_adfa.mask_frame import MASK_RESOLUTIONS
 from anomalib_adfa.report.visual_report import write_report as write_html_report
+from anomalib_adfa.weights import LITE0_BACKBONE, efficientnet_lite0_weights
 from benchmarks.jobs import CROSSFIT_FOLDS, DATASETS, PROTOCOLS, JobContext, JobSpec, MedicalBenchmarkJob
+from benchmarks.machine import commit, cpu_model
 from benchmarks.models import DOCUMENTED_EPOCHS, MODEL_NAMES, TARGET_SPECIFICITY, ModelSettings
 from benchmarks.report import (
     auroc_table,
@@ -268,6 +270,7 @@ def run_one_job(specs: Sequence[JobSpec], context: JobContext, jobs_dir: Path, k
         raise SystemExit(msg)
     result = MedicalBenchmarkJob(matching[0], context, accelerator).run()
     result["pid"] = os.getpid()
+    result["commit"] = commit()
     (jobs_dir / f"{key}.json").write_text(json.dumps(result, indent=2, default=str))
 
 
@@ -277,12 +280,14 @@ def _finished(path: Path) -> bool:
 
 def machine_description() -> str:
     """Host name, CPU model and count, torch version and intra-op threads."""
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
-    models = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    cpu = models[0] if models else platform.processor() or platform.machine()
     threads = torch.get_num_threads()
-    return f"{platform.node()} ({cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}, {threads} thread(s))"
+    return f"{platform.node()} ({cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {threads} thread(s))"
+
+
+def code_description(rows: Sequence[dict[str, Any]]) -> str:
+    """The commits the jobs ran at, with their job counts (jobs from before commits were recorded: ``not recorded``)."""
+    counts = Counter(row.get("commit") or "not recorded" for row in rows)
+    return ", ".join(f"{name} ({count} job{'s' if count > 1 else ''})" for name, count in counts.items())
 
 
 def write_report(
@@ -319,7 +324,7 @@ def write_report(
         ),
         f"- Command: `python -m benchmarks.run {args.command}`",
         f"- Jobs finished between {first:%Y-%m-%d %H:%M} and {last:%H:%M} UTC on {machine_description()}, "
-        f"accelerator {args.accelerator}",
+        f"accelerator {args.accelerator}; code at commit {code_description(rows)}",
         f"- Backbone: {args.backbone}; weights: {args.weights or 'timm hub'}; pre-processing: resize {args.image_size}"
         f"{f', centre crop {args.center_crop}' if args.center_crop else ''}, {args.backbone} normalisation",
         f"- Epochs{capped}: {trained}; seeds: {', '.join(map(str, args.seeds))}",

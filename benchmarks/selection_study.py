@@ -39,9 +39,10 @@ from scipy.stats import spearmanr
 
 from anomalib_adfa import Adfa
 from anomalib_adfa.anomaly_map import AnomalyMapGenerator
-from anomalib_adfa.backbones import LITE0_BACKBONE, LITE0_LAYERS, efficientnet_lite0_weights
+from anomalib_adfa.backbones import LITE0_LAYERS
 from anomalib_adfa.scoring import kl_weight
 from anomalib_adfa.synthetic import implant_lesion
+from anomalib_adfa.weights import LITE0_BACKBONE, efficientnet_lite0_weights
 from benchmarks.jobs import DATASETS
 from benchmarks.metrics import auroc
 from benchmarks.report import markdown_table

@@ -54,7 +54,7 @@ from pathlib import Path
 
 import torch
 
-from anomalib_adfa.backbones import LITE0_BACKBONE, LITE0_LAYERS
+from anomalib_adfa.backbones import LITE0_LAYERS
 from anomalib_adfa.feature_cache import FeatureCache
 from anomalib_adfa.scoring import TOPK_MODES, PatchScorer, TopKSettings, chunking, modes, native, selection
 from anomalib_adfa.scoring import kernels as chunk_kernels
@@ -62,7 +62,8 @@ from anomalib_adfa.scoring.chunking import default_chunk_elements
 from anomalib_adfa.scoring.distances import dense_distances, distance_operands, operand_distances
 from anomalib_adfa.scoring.plain import topk_weights
 from anomalib_adfa.torch_model import AdfaModel
-from benchmarks.machine import cpu_model
+from anomalib_adfa.weights import LITE0_BACKBONE
+from benchmarks.machine import commit, cpu_model
 
 WR50 = ("wide_resnet50_2", ("layer1", "layer2", "layer3"))
 LITE0 = (LITE0_BACKBONE, LITE0_LAYERS)
@@ -526,16 +527,6 @@ def report(name: str, result: dict[str, object], batch: int, sinkhorn_rows: int)
         f"rel_diff={result['loss_rel_diff']:.2e}"
     )
     return {mode: statistics.median(ratios[mode]) <= TARGETS[mode] for mode in TOPK_MODES}
-
-
-def commit() -> str:
-    """Short hash of the checked-out commit (with ``+`` if the tree has changes), or ``unknown``."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head.stdout.strip() + ("+" if dirty.stdout.strip() else "")
 
 
 def main() -> None:

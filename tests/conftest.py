@@ -11,10 +11,10 @@ from anomalib.data import Folder
 from anomalib.engine import Engine
 
 from anomalib_adfa import Adfa
-from anomalib_adfa.backbones import efficientnet_lite0_weights
 from anomalib_adfa.callbacks import EvaluationRecorder
 from anomalib_adfa.data import BUSI
 from anomalib_adfa.synthetic import make_phantom_dataset
+from anomalib_adfa.weights import efficientnet_lite0_weights
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,11 +13,12 @@ import pandas as pd
 import pytest
 import torch
 
-from anomalib_adfa.backbones import LITE0_BACKBONE, efficientnet_lite0_weights, load_state_dict_file
 from anomalib_adfa.callbacks import CrossFitThreshold
 from anomalib_adfa.evaluation.conformal import clopper_pearson
+from anomalib_adfa.weights import LITE0_BACKBONE, efficientnet_lite0_weights, load_state_dict_file
 from benchmarks import run
 from benchmarks.jobs import CROSSFIT_FOLDS, PROTOCOLS, JobSpec, MedicalBenchmarkJob, _ScoreRecorder
+from benchmarks.machine import commit
 from benchmarks.metrics import auroc, best_f1, bootstrap_auroc_ci, operating_point
 from benchmarks.models import ModelSettings, UnsupportedModelError, build_model
 
@@ -230,3 +232,9 @@ def test_busi_run_writes_pixel_metrics_for_every_model_and_a_visual_report(
     page = run_dir / "reports" / "report" / "index.html"
     assert "adfa (seed 1024)" in page.read_text()
     assert (page.parent / "roc_BUSI.png").is_file()
+
+
+def test_report_names_the_commits_the_jobs_ran_at() -> None:
+    rows = [{"commit": "abc1234"}, {"commit": "abc1234"}, {"commit": "def5678+"}, {}]
+    assert run.code_description(rows) == "abc1234 (2 jobs), def5678+ (1 job), not recorded (1 job)"
+    assert re.fullmatch(r"[0-9a-f]{7,}\+?|unknown", commit())

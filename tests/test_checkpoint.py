@@ -18,7 +18,7 @@ from anomalib.data import Folder
 from anomalib.engine import Engine
 
 from anomalib_adfa import Adfa
-from anomalib_adfa.backbones import LITE0_BACKBONE, LITE0_LAYERS, efficientnet_lite0_weights
+from anomalib_adfa.backbones import LITE0_LAYERS
 from anomalib_adfa.deploy.checkpoint import (
     COMPONENT_ARGUMENTS,
     CONFIGURATION_KEY,
@@ -31,6 +31,7 @@ from anomalib_adfa.deploy.checkpoint import (
 )
 from anomalib_adfa.deploy.export import export_checkpoint, load_checkpoint_into
 from anomalib_adfa.synthetic import ABNORMAL_DIR, MASK_DIR, NORMAL_DIR, NORMAL_TEST_DIR, make_phantom_dataset
+from anomalib_adfa.weights import LITE0_BACKBONE, efficientnet_lite0_weights
 
 CONFIG = {
     "backbone": LITE0_BACKBONE,

@@ -20,13 +20,13 @@ from anomalib.models import Padim
 from anomalib.post_processing import PostProcessor
 
 from anomalib_adfa import Adfa, SpecificityPostProcessor
-from anomalib_adfa.backbones import LITE0_BACKBONE, efficientnet_lite0_weights
 from anomalib_adfa.callbacks import SELECTION_QUANTITIES, CrossFitThreshold, LabelFreeCheckpoint
 from anomalib_adfa.data import MedicalFolder
 from anomalib_adfa.data.split import seeded_folds
 from anomalib_adfa.evaluation.crossfit import _VALIDATION_QUANTITIES, CROSSFIT_SCORES_FILE
 from anomalib_adfa.evaluation.post_processing import RankPreservingPostProcessor
 from anomalib_adfa.synthetic import make_phantom_dataset
+from anomalib_adfa.weights import LITE0_BACKBONE, efficientnet_lite0_weights
 from benchmarks.models import ModelSettings, build_model
 
 SIZE = 64  # the phantom generator's smallest; the models resize to MODEL_SIZE

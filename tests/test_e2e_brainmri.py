@@ -8,8 +8,8 @@ from anomalib.engine import Engine
 from sklearn.metrics import roc_auc_score
 
 from anomalib_adfa import Adfa
-from anomalib_adfa.backbones import efficientnet_lite0_weights
 from anomalib_adfa.data import BrainMRI
+from anomalib_adfa.weights import efficientnet_lite0_weights
 
 # Hard top-k learns on this split; the published (near-uniform) soft top-k does not (see the benchmark).
 # 128 px keeps the test to about a minute of CPU.

@@ -22,10 +22,10 @@ from anomalib.engine import Engine
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from anomalib_adfa import Adfa
-from anomalib_adfa.backbones import LITE0_BACKBONE, efficientnet_lite0_weights
 from anomalib_adfa.callbacks import LabelFreeCheckpoint, ScoreCSVWriter
 from anomalib_adfa.evaluation.post_processing import RankPreservingPostProcessor
 from anomalib_adfa.synthetic import ABNORMAL_DIR, MASK_DIR, NORMAL_DIR, NORMAL_TEST_DIR, make_phantom_dataset
+from anomalib_adfa.weights import LITE0_BACKBONE, efficientnet_lite0_weights
 from benchmarks.metrics import operating_point
 
 TARGET = 0.9

@@ -4,70 +4,42 @@ A dataset module only declares its layout and its split rule (:meth:`MedicalData
 finding the folders, listing the images and their masks, checking the files, building anomalib's
 samples table and loading items happen here.
 
-Validation protocols (``val_split_mode``):
-    ``from_train`` (default)
-        A seeded fraction (``val_split_ratio``, default 0.5) of the training normals is held out
-        (:func:`~anomalib_adfa.data.split.seeded_partition`, so the same images on every machine). The
-        post-processor fits its score normalisation and its operating point (a threshold at a target
-        specificity, :class:`~anomalib_adfa.evaluation.post_processing.SpecificityPostProcessor`) on these unseen
-        normal images: no test image and no real anomaly is used.
-    ``synthetic``
-        The same held-out normals, half of them turned into synthetic anomalies by anomalib's own
-        :class:`~anomalib.data.utils.synthetic.SyntheticAnomalyDataset` (Perlin-noise blends, generated
-        under a fork of the random state seeded with ``seed``, so reproducible). The threshold still
-        comes from the held-out normal half; the synthetic anomalies give a validation AUROC for
-        label-free model selection (:class:`~anomalib_adfa.callbacks.LabelFreeCheckpoint`).
-    ``crossfit``
-        All training normals train the deployed model and there is no validation set: the threshold comes
-        from out-of-fold scores of ``K`` fold models, each trained on the other folds' normals
-        (:class:`~anomalib_adfa.evaluation.crossfit.CrossFitThreshold`, which this mode requires:
-        ``--trainer.callbacks+=anomalib_adfa.callbacks.CrossFitThreshold``). Uses every normal twice: to train
-        the deployed model, and behind the threshold. Its guarantee is weaker than a held-out split's (see
-        :mod:`anomalib_adfa.evaluation.conformal`).
-    ``same_as_test`` (the paper's protocol)
-        All training normals train and the validation set is a copy of the test split. Reproduces
-        Table 1; its thresholds are test-calibrated, so ``pred_label`` and every thresholded metric
-        are optimistic. ``--data.val_split_mode same_as_test``.
-
-    The test split is the paper's in every protocol; ``from_test`` (anomalib's usual default) would
-    move half of it into validation and is still accepted. :meth:`MedicalDataModule.setup` logs and
-    prints the protocol and the train / validation / test counts, and :attr:`MedicalDataModule.protocol`
-    holds them for the run folder (:class:`~anomalib_adfa.callbacks.ProtocolRecorder`) and the benchmark.
-
-    Every normalisation used here is strictly increasing
-    (:class:`~anomalib_adfa.evaluation.post_processing.RankPreservingPostProcessor`), so the printed
-    ``image_AUROC`` is the raw scores' AUROC under every protocol; ``tests/data/test_data_metrics.py``
-    checks the equality end to end.
+The validation protocols (``val_split_mode``: ``from_train``, ``synthetic``, ``crossfit``, ``same_as_test``) are
+described and built in :mod:`anomalib_adfa.data.protocols`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from abc import ABC, abstractmethod
-from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
-import numpy as np
 import torch
 from anomalib import TaskType
 from anomalib.data.dataclasses import ImageItem
 from anomalib.data.datamodules.base.image import AnomalibDataModule
 from anomalib.data.datasets.base.image import AnomalibDataset
 from anomalib.data.utils import LabelName, Split, TestSplitMode, ValSplitMode
-from anomalib.data.utils.synthetic import SyntheticAnomalyDataset
 from pandas import DataFrame
 from torchvision.tv_tensors import Mask
 
 from anomalib_adfa.data.dicom import ReadOptions
 from anomalib_adfa.data.image import check_readable, load_image, load_mask
 from anomalib_adfa.data.layout import DatasetLayout, ImageEntry, layout_error, list_images, locate_folders
+from anomalib_adfa.data.protocols import (
+    CROSSFIT,
+    RATIO_MODES,
+    describe_protocol,
+    hold_out_normals,
+    synthetic_validation,
+    write_protocol,
+)
 from anomalib_adfa.data.split import seeded_partition
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator, Mapping, Sequence
+    from collections.abc import Iterable, Mapping, Sequence
 
     from torchvision.transforms.v2 import Transform
 
@@ -304,7 +276,7 @@ class MedicalDataModule(AnomalibDataModule):
                 "from_test or none"
             )
             raise ValueError(msg)
-        if val_split_mode in _RATIO_MODES and not 0 < val_split_ratio < 1:
+        if val_split_mode in RATIO_MODES and not 0 < val_split_ratio < 1:
             msg = f"val_split_ratio must be in (0, 1) for val_split_mode={val_split_mode.value}, got {val_split_ratio}"
             raise ValueError(msg)
         super().__init__(
@@ -346,27 +318,27 @@ class MedicalDataModule(AnomalibDataModule):
     def _create_val_split(self) -> None:
         """Create anomalib's validation split, with a seeded, machine-independent hold-out of training normals.
 
-        anomalib's ``from_train``/``synthetic`` draw the hold-out with torch's generator; here it is
-        :func:`~anomalib_adfa.data.split.seeded_partition` of the image paths, as for the train/test split.
-        ``synthetic`` then hands the held-out normals to anomalib's ``SyntheticAnomalyDataset`` (which picks
-        the half to corrupt with numpy's and torch's global generators), run under a fork of both seeded
-        with :attr:`seed` so the synthetic images do not depend on the training's random state.
+        See :mod:`anomalib_adfa.data.protocols`: :func:`~anomalib_adfa.data.protocols.hold_out_normals` and
+        :func:`~anomalib_adfa.data.protocols.synthetic_validation`.
         """
         if self.val_split_mode == CROSSFIT:
             pass  # no validation set: CrossFitThreshold fits the post-processor on out-of-fold scores
         elif self.val_split_mode not in (ValSplitMode.FROM_TRAIN, ValSplitMode.SYNTHETIC):
             super()._create_val_split()
         else:
-            self.train_data, normal_val = self._hold_out_normals(self.train_data)
+            self.train_data, normal_val = hold_out_normals(self.train_data, self.val_split_ratio, self.seed, self.root)
             self.val_data = (
-                normal_val if self.val_split_mode == ValSplitMode.FROM_TRAIN else self._synthetic(normal_val)
+                normal_val
+                if self.val_split_mode == ValSplitMode.FROM_TRAIN
+                else synthetic_validation(normal_val, self.seed)
             )
             self.val_data.split = Split.VAL
-        self.protocol = self._describe_protocol()
+        splits = tuple(getattr(self, name, None) for name in ("train_data", "val_data", "test_data"))
+        self.protocol = describe_protocol(self.val_split_mode, self.val_split_ratio, self.seed, splits)
         summary = ", ".join(f"{key} {value}" for key, value in self.protocol.items())
         logger.info("%s: %s", type(self).__name__, summary)
         print(f"{type(self).__name__}: {summary}")
-        self._write_protocol()
+        write_protocol(getattr(self, "trainer", None), self.protocol)
 
     def val_dataloader(self) -> Any:
         """Return anomalib's validation loader; under ``crossfit`` an error saying which callback fits the threshold."""
@@ -379,15 +351,6 @@ class MedicalDataModule(AnomalibDataModule):
             raise RuntimeError(msg)
         return super().val_dataloader()
 
-    def _write_protocol(self) -> None:
-        """Save :attr:`protocol` as ``protocol.json`` in the trainer's run folder, when attached to a trainer."""
-        trainer = getattr(self, "trainer", None)
-        if trainer is None or not trainer.is_global_zero:
-            return
-        folder = Path(trainer.default_root_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / PROTOCOL_FILE).write_text(json.dumps(self.protocol, indent=2) + "\n")
-
     def state_dict(self) -> dict[str, Any]:
         """Return what Lightning stores in checkpoints for this datamodule: the validation protocol and counts."""
         return {"protocol": dict(getattr(self, "protocol", {}))}
@@ -395,86 +358,3 @@ class MedicalDataModule(AnomalibDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Keep the protocol a checkpoint was trained with as :attr:`trained_protocol` (the splits are rebuilt)."""
         self.trained_protocol = dict(state_dict.get("protocol", {}))
-
-    def _hold_out_normals(self, dataset: MedicalDataset) -> tuple[MedicalDataset, MedicalDataset]:
-        """Split the training set into (kept, held out), holding out ``val_split_ratio`` of its images."""
-        samples = dataset.samples
-        keys = {Path(path).relative_to(dataset.root).as_posix(): index for index, path in samples.image_path.items()}
-        ratio = Fraction(str(self.val_split_ratio))
-        held_out, kept = seeded_partition(keys, [ratio, 1 - ratio], self.seed)
-        if not held_out or not kept:
-            msg = (
-                f"val_split_ratio={self.val_split_ratio} of {len(keys)} training images under '{self.root}' leaves "
-                f"{len(kept)} to train and {len(held_out)} to validate; both need at least one image"
-            )
-            raise ValueError(msg)
-        return dataset.subsample([keys[key] for key in kept]), dataset.subsample([keys[key] for key in held_out])
-
-    def _synthetic(self, normal_val: MedicalDataset) -> MedicalDataset:
-        """Build anomalib's synthetic validation set, loaded like every other split of this dataset.
-
-        ``SyntheticAnomalyDataset`` writes the corrupted half to a temporary folder that it deletes when it is
-        garbage-collected, so the returned dataset keeps it as ``synthetic_source``. Its items are read with the
-        dataset's own loader (EXIF orientation, 16-bit scaling), not anomalib's, so held-out normals score exactly
-        as the test normals would.
-        """
-        with seeded_global_rngs(self.seed):
-            source = SyntheticAnomalyDataset.from_dataset(normal_val)
-        samples = source.samples.copy()
-        samples["mask_paths"] = [(path,) if path else () for path in samples.mask_path.fillna("")]
-        samples["mask_path"] = samples.mask_path.fillna("")
-        samples.attrs["task"] = TaskType.SEGMENTATION.value
-        val_data = normal_val.subsample([])
-        val_data.samples = samples.reset_index(drop=True)
-        val_data.synthetic_source = source
-        return val_data
-
-    def _describe_protocol(self) -> dict[str, Any]:
-        """Protocol in force and the image counts of each split (what :meth:`setup` prints)."""
-
-        def counts(dataset: AnomalibDataset | None) -> tuple[int, int]:
-            if dataset is None:
-                return 0, 0
-            abnormal = int((dataset.samples.label_index == LabelName.ABNORMAL).sum())
-            return len(dataset.samples) - abnormal, abnormal
-
-        (train_normal, _), (val_normal, val_abnormal), (test_normal, test_abnormal) = (
-            counts(getattr(self, name, None)) for name in ("train_data", "val_data", "test_data")
-        )
-        protocol = {
-            "val_split_mode": getattr(self.val_split_mode, "value", self.val_split_mode),
-            "val_split_ratio": self.val_split_ratio if self.val_split_mode in _RATIO_MODES else None,
-            "seed": self.seed,
-            "train_normal": train_normal,
-            "val_normal": val_normal,
-            "val_abnormal": val_abnormal,
-            "test_normal": test_normal,
-            "test_abnormal": test_abnormal,
-        }
-        if self.val_split_mode in (ValSplitMode.SAME_AS_TEST, ValSplitMode.FROM_TEST):
-            protocol["note"] = "validation images are test images: thresholds are test-calibrated"
-        elif self.val_split_mode == CROSSFIT:
-            protocol["note"] = "thresholds from out-of-fold scores of the training normals (CrossFitThreshold)"
-        return protocol
-
-
-CROSSFIT = "crossfit"
-"""``val_split_mode`` of the cross-fitting protocol (not one of anomalib's :class:`ValSplitMode` members)."""
-
-PROTOCOL_FILE = "protocol.json"
-"""Name of the validation-protocol record written to the run folder (next to ``weights/``)."""
-
-_RATIO_MODES = (ValSplitMode.FROM_TRAIN, ValSplitMode.SYNTHETIC, ValSplitMode.FROM_TEST)
-
-
-@contextmanager
-def seeded_global_rngs(seed: int) -> Iterator[None]:
-    """Run a block with numpy's and torch's global generators seeded, restoring both afterwards."""
-    state = np.random.get_state()
-    np.random.seed(seed)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            yield
-    finally:
-        np.random.set_state(state)

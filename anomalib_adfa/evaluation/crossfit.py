@@ -46,7 +46,7 @@ from anomalib.data.datasets.base.image import AnomalibDataset
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch.utils.data import DataLoader
 
-from anomalib_adfa.data.base import CROSSFIT, seeded_global_rngs
+from anomalib_adfa.data.protocols import CROSSFIT, seeded_global_rngs
 from anomalib_adfa.data.split import seeded_folds
 from anomalib_adfa.evaluation.conformal import clopper_pearson, conformal_rank, false_alarm_bound
 

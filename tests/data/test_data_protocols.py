@@ -12,7 +12,7 @@ from anomalib.data.utils import LabelName, ValSplitMode
 from PIL import Image
 
 from anomalib_adfa.data import BrainMRI, BrainMRIDataset
-from anomalib_adfa.data.base import PROTOCOL_FILE
+from anomalib_adfa.data.protocols import PROTOCOL_FILE
 
 
 @pytest.fixture(scope="module")
