@@ -271,6 +271,7 @@ def run_one_job(specs: Sequence[JobSpec], context: JobContext, jobs_dir: Path, k
     result = MedicalBenchmarkJob(matching[0], context, accelerator).run()
     result["pid"] = os.getpid()
     result["commit"] = commit()
+    result["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
     (jobs_dir / f"{key}.json").write_text(json.dumps(result, indent=2, default=str))
 
 
@@ -282,6 +283,17 @@ def machine_description() -> str:
     """Host name, CPU model and count, torch version and intra-op threads."""
     threads = torch.get_num_threads()
     return f"{platform.node()} ({cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {threads} thread(s))"
+
+
+def finish_times(rows: Sequence[dict[str, Any]], paths: Sequence[Path]) -> list[datetime]:
+    """When each job finished: its recorded ``finished`` time, else its file's modification time (written at the end;
+    a checkout resets it, hence the record)."""
+    return [
+        datetime.fromisoformat(row["finished"])
+        if "finished" in row
+        else datetime.fromtimestamp(path.stat().st_mtime, UTC)
+        for row, path in zip(rows, paths, strict=True)
+    ]
 
 
 def code_description(rows: Sequence[dict[str, Any]]) -> str:
@@ -299,8 +311,7 @@ def write_report(
         msg = f"no finished jobs in {run_dir / 'jobs'} for this grid"
         raise SystemExit(msg)
     rows = [json.loads(path.read_text()) for path in paths]
-    # A job's file is written when it finishes.
-    first, last = (datetime.fromtimestamp(f(path.stat().st_mtime for path in paths), UTC) for f in (min, max))
+    first, last = (f(finish_times(rows, paths)) for f in (min, max))
     results = MedicalBenchmarkJob.collect(rows)
     results.drop(columns=["traceback"], errors="ignore").to_csv(run_dir / "results.csv", index=False)
     summary = summarise(results)

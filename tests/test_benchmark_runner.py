@@ -238,3 +238,12 @@ def test_report_names_the_commits_the_jobs_ran_at() -> None:
     rows = [{"commit": "abc1234"}, {"commit": "abc1234"}, {"commit": "def5678+"}, {}]
     assert run.code_description(rows) == "abc1234 (2 jobs), def5678+ (1 job), not recorded (1 job)"
     assert re.fullmatch(r"[0-9a-f]{7,}\+?|unknown", commit())
+
+
+def test_report_dates_jobs_by_their_recorded_finish_time(tmp_path: Path) -> None:
+    recorded, unrecorded = tmp_path / "a.json", tmp_path / "b.json"
+    for path in (recorded, unrecorded):
+        path.write_text("{}")
+    os.utime(unrecorded, (1_700_000_000, 1_700_000_000))
+    times = run.finish_times([{"finished": "2026-12-03T00:32:05+00:00"}, {}], [recorded, unrecorded])
+    assert [time.isoformat() for time in times] == ["2026-12-03T00:32:05+00:00", "2023-11-14T22:13:20+00:00"]
