@@ -116,6 +116,13 @@ def test_commands_are_parsed_and_every_one_is_run_or_excused() -> None:
     last_steps = [command.split(" && ")[-1] for command in commands]
     excused = {prefix for prefix in NOT_RUN if any(step.startswith(prefix) for step in last_steps)}
     assert excused == set(NOT_RUN), f"stale NOT_RUN entries: {set(NOT_RUN) - excused}"
+    # Lightning's default is 1000 epochs: a README training command without a budget would run for hours.
+    unbudgeted = [
+        step
+        for step in last_steps
+        if step.startswith("anomalib train") and not re.search(r"--trainer\.max_epochs|--config|PL_TRAINER_MAX", step)
+    ]
+    assert unbudgeted == [], f"training commands without --trainer.max_epochs: {unbudgeted}"
 
 
 @pytest.mark.slow
