@@ -24,10 +24,6 @@ against a plain ``torch.exp`` over the same block; checks that (a) in reference 
 (b) on the same rows of one image; measures the peak resident memory of a BrainMRI-sized training run
 (58 images, in a child process) and the eval-mode latency per image.
 
-The reference step is also timed with the C++ row operators of :mod:`anomalib_adfa.scoring.native` switched
-off (the ``torch.compile``'d kernels do those passes), and the ratio printed: the evidence that they earn
-their place.
-
 The last lines say whether the targets are met (ours / floor <= 1.5 in reference and hard mode, <= 2.0
 in sharp mode, for both sets of dimensions) and read
 ``ratio_reference_over_ours=<x> ratio_ours_over_floor=<y> s_per_epoch_brainmri=<z>`` (WR50 dimensions).
@@ -56,7 +52,7 @@ import torch
 
 from anomalib_adfa.backbones import LITE0_LAYERS
 from anomalib_adfa.feature_cache import FeatureCache
-from anomalib_adfa.scoring import TOPK_MODES, PatchScorer, TopKSettings, chunking, modes, native, selection
+from anomalib_adfa.scoring import TOPK_MODES, PatchScorer, TopKSettings, chunking, modes, selection
 from anomalib_adfa.scoring import kernels as chunk_kernels
 from anomalib_adfa.scoring.chunking import default_chunk_elements
 from anomalib_adfa.scoring.distances import dense_distances, distance_operands, operand_distances
@@ -74,26 +70,6 @@ FLOORS = ("floor", "floor_decomposed", "floor_naive")
 
 
 TARGETS = {"reference": 1.5, "hard": 1.5, "sharp": 2.0}
-
-WITHOUT_NATIVE = "reference_without_cpp"
-NATIVE_PASSES = ("weight_sums", "sums_and_gradient", "row_extremes")
-
-
-def without_native(step: Callable[[], object]) -> Callable[[], object]:
-    """``step`` with the C++ row operators switched off, so that the ``torch.compile``'d kernels run instead."""
-
-    def run() -> object:
-        kernels = [getattr(chunk_kernels, name) for name in NATIVE_PASSES]
-        natives = [kernel.native for kernel in kernels]
-        for kernel in kernels:
-            kernel.native = None
-        try:
-            return step()
-        finally:
-            for kernel, function in zip(kernels, natives, strict=True):
-                kernel.native = function
-
-    return run
 
 
 def timed(step: Callable[[], object], repeats: int) -> float:
@@ -309,8 +285,6 @@ def speed(arch: tuple[str, tuple[str, ...]], batch: int, repeats: int, sinkhorn_
             return step(keys)
 
         steps[mode] = run
-    # The reference mode once more without the C++ operators: the compiled PyTorch kernels do their passes.
-    steps[WITHOUT_NATIVE] = without_native(steps["reference"])
     for variant in FLOORS:
         steps[variant] = floor_step(model, features, variant)
     times = round_robin(steps, repeats)
@@ -493,11 +467,6 @@ def report(name: str, result: dict[str, object], batch: int, sinkhorn_rows: int)
     median = {key: statistics.median(values) for key, values in times.items()}
     print(f"[{name}] s/step (batch {batch}), median [min, max]:", *(f"{key}={spread(times[key])}" for key in times))
     print(
-        f"[{name}] reference step without / with the C++ row operators (compiled PyTorch kernels / C++), median of "
-        f"per-round ratios: {relative(times, WITHOUT_NATIVE, 'reference'):.2f}; of the fastest rounds (least hit by "
-        f"other load): {min(times[WITHOUT_NATIVE]) / min(times['reference']):.2f}"
-    )
-    print(
         f"[{name}] ours/floor, median of per-round ratios [min, max]: "
         + " ".join(f"{mode}={spread(ratios[mode])}" for mode in TOPK_MODES)
         + f"; reference vs floor_decomposed {relative(times, 'reference', 'floor_decomposed'):.2f}"
@@ -567,8 +536,6 @@ def main() -> None:
         if name == "WR50":
             wr50 = result
     kernels = "eager (no working C++ compiler)" if chunk_kernels.ChunkKernel.compiler_failed else compiled
-    if native.library() is not None:
-        kernels = f"in C++ (row_kernels.cpp: row sums, gradient, extremes), the others {kernels}"
     print(f"chunk kernels ran {kernels}")
     if "WR50" not in args.dims:
         return

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from anomalib_adfa.scoring import kernels, modes, native, search
+from anomalib_adfa.scoring import kernels, modes, search
 from anomalib_adfa.scoring.kernels import ChunkKernel
 
 ChunkInputs = Callable[..., tuple[torch.Tensor, ...]]
@@ -61,7 +61,6 @@ def test_compiled_kernels_agree_with_plain(
     chunk_inputs: ChunkInputs, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(ChunkKernel, "min_elements", 0)  # compile even this small chunk
-    monkeypatch.setattr(native, "library", lambda: None)  # the C kernels: tests/test_scoring_native.py
     distances, beta, slope, shift = chunk_inputs(37, 300, dtype, seed=2)
     kernels.weight_sums(distances, beta, slope, shift, eager=True)
     if ChunkKernel.compiler_failed:
@@ -133,7 +132,6 @@ def test_the_searches_row_kernels_compile_into_one_graph(monkeypatch: pytest.Mon
     # A data-dependent exit inside a compiled kernel would fail fullgraph compilation and send every kernel of the
     # process to plain PyTorch: the per-row kernels of the sharp and reference searches must compile whole.
     monkeypatch.setattr(ChunkKernel, "min_elements", 0)
-    monkeypatch.setattr(native, "library", lambda: None)
     generator = torch.Generator().manual_seed(10)
     nearest = (torch.rand(64, 16, generator=generator) * 4.0).sort(dim=-1).values
     for kernel in (modes.sharp_subset, search.reference_search):

@@ -11,9 +11,8 @@ Read in this order:
 - :mod:`~anomalib_adfa.scoring.plain` (full tensors, autograd; the natural path on a GPU) or
 - :mod:`~anomalib_adfa.scoring.fused` (chunked, cache-sized, no ``(B, T, N)`` tensor; the CPU path), built
   from :mod:`~anomalib_adfa.scoring.chunking`, :mod:`~anomalib_adfa.scoring.memory`,
-  :mod:`~anomalib_adfa.scoring.selection`, :mod:`~anomalib_adfa.scoring.kernels` (with
-  :mod:`~anomalib_adfa.scoring.native`), :mod:`~anomalib_adfa.scoring.search` and
-  :mod:`~anomalib_adfa.scoring.modes`.
+  :mod:`~anomalib_adfa.scoring.selection`, :mod:`~anomalib_adfa.scoring.kernels`,
+  :mod:`~anomalib_adfa.scoring.search` and :mod:`~anomalib_adfa.scoring.modes`.
 """
 
 from anomalib_adfa.scoring.distances import DISTANCE_MODES, DistanceMode, kl_weight

@@ -4,10 +4,7 @@ Each function here is one traversal of a chunk ``(R, N)`` of the distance block 
 centres) that reads the chunk once and returns per-row sums, or writes one ``(R, N)`` result. The threshold
 search of :mod:`anomalib_adfa.scoring.search` calls them; everything between two calls works on ``(R, 1)``
 columns. With ``torch.compile`` (Inductor's C++ backend) each call becomes one vectorised loop over the chunk;
-without a working C++ compiler they run as plain PyTorch (several passes each, same values to rounding). For
-float32 CPU chunks the three passes of the reference mode's step (:data:`row_extremes`, :data:`weight_sums`,
-:data:`sums_and_gradient`) run as C++ operators instead where ``torch.utils.cpp_extension`` builds
-``row_kernels.cpp`` (:mod:`anomalib_adfa.scoring.native`, which says why they stay), with the same formulas.
+without a working C++ compiler they run as plain PyTorch (several passes each, same values to rounding).
 
 Weights, slopes and gradient from the operator's formulas
 --------------------------------------------------------
@@ -31,7 +28,6 @@ from typing import Any
 
 import torch
 
-from anomalib_adfa.scoring import native
 from anomalib_adfa.scoring.soft_topk import logistic_weights, slope_mean, topk_weight_grad
 
 logger = logging.getLogger(__name__)
@@ -127,7 +123,7 @@ def _group_minima(distances: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class ChunkKernel:
-    """One pass over a chunk: in C where it has a C version that runs, else ``torch.compile``'d, else plain.
+    """One pass over a chunk: ``torch.compile``'d, or plain PyTorch where it cannot be or need not be.
 
     Compilation happens at the first call on a chunk of at least :attr:`min_elements` (once per process and
     dtype; Inductor caches the code on disk, so later processes load it in about a second).
@@ -141,9 +137,6 @@ class ChunkKernel:
         min_elements: A lower :attr:`min_elements` for this kernel (``own_min_elements``), for work on per-row
             columns rather than on a chunk: there a call of a few thousand elements already costs a millisecond
             of eager operator dispatch.
-        native: The pass in C (:mod:`anomalib_adfa.scoring.native`), called with the same arguments; it returns
-            ``None`` where it does not run (not built, or not float32 CPU tensors). It has no compile cost per
-            shape, so it serves chunks of every size.
     """
 
     compiler_failed = False
@@ -152,25 +145,15 @@ class ChunkKernel:
     class costs the compiler seconds (small images, short last chunks, the few rows left for a second search
     step)."""
 
-    def __init__(
-        self,
-        function: Callable[..., Any],
-        min_elements: int | None = None,
-        native: Callable[..., Any] | None = None,
-    ) -> None:
+    def __init__(self, function: Callable[..., Any], min_elements: int | None = None) -> None:
         self.function = function
         self.own_min_elements = min_elements
-        self.native = native
         self._compiled: Callable[..., Any] | None = None
 
     def __call__(self, *args: Any, eager: bool) -> Any:
         """Run the pass on ``args``; ``eager=False`` (tracing, exporting, compiling) runs the plain function."""
         if not eager:
             return self.function(*args)
-        if self.native is not None:
-            result = self.native(*args)
-            if result is not None:
-                return result
         threshold = ChunkKernel.min_elements
         if self.own_min_elements is not None:
             threshold = min(threshold, self.own_min_elements)
@@ -191,13 +174,13 @@ class ChunkKernel:
             return self.function(*args)
 
 
-weight_sums = ChunkKernel(_weight_sums, native=native.row_sums)
+weight_sums = ChunkKernel(_weight_sums)
 r"""``weight_sums(distances (R, N), beta (R, 1), slope (R, 1), shift (R, 1)) -> (R, 4)``: row sums
 :math:`[\sum z,\ \sum s,\ \sum z d,\ \sum s d]`, one evaluation of the threshold search. :math:`\sum z - k` is
 its residual and :math:`\sum s` its slope, :math:`\sum z d` the patch score, and :math:`\sum s d / \sum s` the
 weighted mean distance :math:`\bar d` of the backward pass."""
 
-sums_and_gradient = ChunkKernel(_sums_and_gradient, native=native.row_sums)
+sums_and_gradient = ChunkKernel(_sums_and_gradient)
 r"""``sums_and_gradient(distances, beta, slope, shift, zero, gradient (R, N)) -> (R, 4)``: :data:`weight_sums`, and
 the gradient of each row's score by its squared distances per unit of upstream gradient written into ``gradient``,
 in one pass. For :math:`s = \sum_j z_j d_j` with logits :math:`a - b d` the implicit gradient of the soft top-k
@@ -206,7 +189,7 @@ in one pass. For :math:`s = \sum_j z_j d_j` with logits :math:`a - b d` the impl
 where it is active (``distances <= zero``); with ``zero > 0`` (the ``"euclidean"`` mode, ``distances`` already
 :math:`\sqrt{q + \epsilon}` and ``zero`` :math:`= \sqrt\epsilon`) the chain rule adds :math:`1 / (2 d)`."""
 
-row_extremes = ChunkKernel(_row_extremes, native=native.row_extremes)
+row_extremes = ChunkKernel(_row_extremes)
 r"""``row_extremes(distances, shift (R, 1)) -> (R, 6)``: :math:`\min d`, :math:`\max d` and the sums
 :math:`\sum (d - c)^j`, :math:`j = 1 .. 4`, of the clamped distances; the shift :math:`c`, close to the row mean,
 keeps the moments free of cancellation."""

@@ -68,9 +68,8 @@ Weights and slopes in one formula
 ---------------------------------
 Every evaluation of :math:`z` and :math:`s` in the package goes through :func:`logistic_weights`
 (the plain backend here, the fused backend's chunk passes in :mod:`anomalib_adfa.scoring.kernels`,
-compiled from it by ``torch.compile``; only the C++ row operators of :mod:`anomalib_adfa.scoring.native`
-restate it, and their tests hold them to it). With the argument :math:`a_j = \tau + x_j` clamped at
-:math:`\ell = \log\sqrt{\text{tiny}}` (:func:`argument_floor`) and :math:`e_j = \exp(-a_j)`,
+compiled from it by ``torch.compile``; no other code restates it). With the argument :math:`a_j = \tau + x_j`
+clamped at :math:`\ell = \log\sqrt{\text{tiny}}` (:func:`argument_floor`) and :math:`e_j = \exp(-a_j)`,
 
 .. math::
 
