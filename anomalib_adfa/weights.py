@@ -12,6 +12,7 @@ Example:
     'tf_efficientnet_lite0_from_efficientnet-lite0-57934424.pth'
 """
 
+import functools
 import logging
 import os
 import pickle
@@ -42,8 +43,13 @@ _LITE0_NUM_TENSORS = 296
 _MAX_LISTED = 8
 
 
+@functools.cache
 def meta_model(backbone: str) -> nn.Module:
-    """Build timm's ``backbone`` on the meta device: names, shapes and ``feature_info``, no memory or init time."""
+    """Build timm's ``backbone`` on the meta device: names, shapes and ``feature_info``, no memory or init time.
+
+    Built once per backbone and shared (the stage lookup, the extractor and the weights check all read it), so
+    callers must not modify it.
+    """
     with torch.device("meta"):
         return timm.create_model(backbone, pretrained=False)
 

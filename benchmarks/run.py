@@ -286,8 +286,10 @@ def machine_description() -> str:
 
 
 def finish_times(rows: Sequence[dict[str, Any]], paths: Sequence[Path]) -> list[datetime]:
-    """When each job finished: its recorded ``finished`` time, else its file's modification time (written at the end;
-    a checkout resets it, hence the record)."""
+    """When each job finished: its recorded ``finished`` time, else its file's modification time.
+
+    A job's file is written when it finishes, but a checkout resets file times; hence the record.
+    """
     return [
         datetime.fromisoformat(row["finished"])
         if "finished" in row
@@ -311,7 +313,8 @@ def write_report(
         msg = f"no finished jobs in {run_dir / 'jobs'} for this grid"
         raise SystemExit(msg)
     rows = [json.loads(path.read_text()) for path in paths]
-    first, last = (f(finish_times(rows, paths)) for f in (min, max))
+    times = finish_times(rows, paths)
+    first, last = min(times), max(times)
     results = MedicalBenchmarkJob.collect(rows)
     results.drop(columns=["traceback"], errors="ignore").to_csv(run_dir / "results.csv", index=False)
     summary = summarise(results)
