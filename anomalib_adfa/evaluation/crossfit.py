@@ -21,7 +21,9 @@ can do, and it works the same for every anomalib model (ADFA, PaDiM, PatchCore, 
 datamodule side only has to keep every training normal in training: ``--data.val_split_mode crossfit`` for this
 package's datamodules (recorded in ``protocol.json``; it refuses to run without this callback), ``none`` for
 anomalib's own. Guarantee: cross-conformal, about ``2 alpha`` in the worst case, not the split-conformal ``alpha``
-(:mod:`anomalib_adfa.evaluation.conformal`). Cost: ``K`` extra trainings on ``(K - 1) / K`` of the data.
+(:mod:`anomalib_adfa.evaluation.conformal`). Cost: ``K`` extra trainings on ``(K - 1) / K`` of the data. For
+anomalib's memory-bank models (PaDiM, PatchCore) the callback fixes glibc's mmap threshold, without which PatchCore's
+coreset fragments the heap (:func:`pin_mmap_threshold`).
 
 CLI::
 
@@ -34,7 +36,10 @@ from __future__ import annotations
 
 import copy
 import csv
+import ctypes
 import logging
+import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -43,6 +48,7 @@ import numpy as np
 import torch
 from anomalib.data import ImageBatch
 from anomalib.data.datasets.base.image import AnomalibDataset
+from anomalib.models.components import MemoryBankMixin
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch.utils.data import DataLoader
 
@@ -57,9 +63,35 @@ CROSSFIT_SCORES_FILE = "crossfit_scores.csv"
 
 _OPTION = "--trainer.callbacks.folds"
 
+MMAP_THRESHOLD_BYTES = 4 << 20
+"""glibc mmap threshold for anomalib memory-bank models (PaDiM, PatchCore): blocks of 4 MiB or more go back at free."""
+
+_M_MMAP_THRESHOLD = -3  # glibc <malloc.h>
+
 # Logged names of LabelFreeCheckpoint's quantities (anomalib_adfa.callbacks.SELECTION_QUANTITIES; not imported, since
 # that module imports this one).
 _VALIDATION_QUANTITIES = ("val_synthetic_AUROC", "val_synthetic_separation", "val_normal_score")
+
+
+def pin_mmap_threshold(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
+    """Fix glibc's mmap threshold at ``threshold`` bytes for this process; ``False`` where it was left alone.
+
+    Why: glibc raises its mmap threshold (up to 32 MiB) each time a large block is freed, so after a training loop
+    blocks of a few MiB come from the heap instead of ``mmap``. anomalib's k-centre-greedy coreset (PatchCore's
+    ``fit``) allocates one ``(patches, dims)`` temporary per selected centre; when it runs at the end of a training
+    epoch (as every fit does under cross-fitting, where validation is off), small allocations split each freed
+    temporary and the heap grows by about one temporary per centre. Measured on BrainMRI, Lite0, 128 px, PatchCore
+    cross-fit: peak 18.4 GB, 1.3 GB with the threshold fixed at 4 MiB, same AUROC and threshold. Fixing the threshold
+    is glibc's own switch (``mallopt(M_MMAP_THRESHOLD)``, as ``MALLOC_MMAP_THRESHOLD_`` does); it is left alone when
+    that variable is set, and off glibc.
+    """
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (musl, ...)
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, threshold))
 
 
 def check_fold_count(folds: int, normals: int | None = None) -> int:
@@ -176,6 +208,11 @@ class CrossFitThreshold(Callback):
             )
             raise ValueError(msg)
         check_fold_count(self.folds, self._normal_count(datamodule.train_data))
+        if isinstance(pl_module, MemoryBankMixin) and pin_mmap_threshold():
+            logger.info(
+                "CrossFitThreshold: glibc mmap threshold fixed at %d bytes (see pin_mmap_threshold)",
+                MMAP_THRESHOLD_BYTES,
+            )
         self._limit_val_batches = trainer.limit_val_batches
         trainer.limit_val_batches = 0
 
