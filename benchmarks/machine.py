@@ -19,16 +19,20 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def commit() -> str:
-    """Short hash of the repository's checked-out commit, ``+`` if tracked files have changes, or ``unknown``.
+def commit(repository: Path = REPOSITORY) -> str:
+    """Short hash of the repository's checked-out commit, ``+`` if tracked code has changes, or ``unknown``.
 
-    Untracked files (results being written, say) do not count as changes to the code.
+    Untracked files and anything under ``benchmarks/results`` (results being written, a report rewritten by a run)
+    do not count as changes to the code.
     """
-    git = ["git", "-C", str(REPOSITORY)]
+    git = ["git", "-C", str(repository)]
     try:
         head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
         dirty = subprocess.run(
-            [*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True
+            [*git, "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results"],
+            capture_output=True,
+            text=True,
+            check=True,
         )
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

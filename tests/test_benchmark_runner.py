@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -238,6 +239,24 @@ def test_report_names_the_commits_the_jobs_ran_at() -> None:
     rows = [{"commit": "abc1234"}, {"commit": "abc1234"}, {"commit": "def5678+"}, {}]
     assert run.code_description(rows) == "abc1234 (2 jobs), def5678+ (1 job), not recorded (1 job)"
     assert re.fullmatch(r"[0-9a-f]{7,}\+?|unknown", commit())
+
+
+def test_the_recorded_commit_is_marked_changed_by_code_not_by_results(tmp_path: Path) -> None:
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "benchmarks" / "results" / "results.md").write_text("old\n")
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "first"], check=True)
+    clean = commit(tmp_path)
+    assert re.fullmatch(r"[0-9a-f]{7,}", clean)
+    (tmp_path / "benchmarks" / "results" / "results.md").write_text("rewritten by a run\n")
+    (tmp_path / "new_untracked.py").write_text("")
+    assert commit(tmp_path) == clean
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert commit(tmp_path) == clean + "+"
+    assert commit(tmp_path / "not_a_repository") == "unknown"
 
 
 def test_report_dates_jobs_by_their_recorded_finish_time(tmp_path: Path) -> None:
