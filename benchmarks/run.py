@@ -285,17 +285,20 @@ def machine_description() -> str:
     return f"{platform.node()} ({cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {threads} thread(s))"
 
 
-def finish_times(rows: Sequence[dict[str, Any]], paths: Sequence[Path]) -> list[datetime]:
-    """When each job finished: its recorded ``finished`` time, else its file's modification time.
+def finished_span(rows: Sequence[dict[str, Any]]) -> str:
+    """When the jobs finished, from their recorded ``finished`` times.
 
-    A job's file is written when it finishes, but a checkout resets file times; hence the record.
+    File times are not used: a checkout resets them. Jobs from before times were recorded are counted instead.
     """
-    return [
-        datetime.fromisoformat(row["finished"])
-        if "finished" in row
-        else datetime.fromtimestamp(path.stat().st_mtime, UTC)
-        for row, path in zip(rows, paths, strict=True)
-    ]
+    times = sorted(datetime.fromisoformat(row["finished"]) for row in rows if "finished" in row)
+    unrecorded = len(rows) - len(times)
+    missing = f"{unrecorded} job{'s' if unrecorded > 1 else ''} from before finish times were recorded"
+    if not times:
+        return f"finish times not recorded ({missing})"
+    first, last = times[0], times[-1]
+    end = last.strftime("%H:%M" if last.date() == first.date() else "%Y-%m-%d %H:%M")
+    span = f"finished between {first:%Y-%m-%d %H:%M} and {end} UTC"
+    return f"{span} ({missing})" if unrecorded else span
 
 
 def code_description(rows: Sequence[dict[str, Any]]) -> str:
@@ -313,8 +316,6 @@ def write_report(
         msg = f"no finished jobs in {run_dir / 'jobs'} for this grid"
         raise SystemExit(msg)
     rows = [json.loads(path.read_text()) for path in paths]
-    times = finish_times(rows, paths)
-    first, last = min(times), max(times)
     results = MedicalBenchmarkJob.collect(rows)
     results.drop(columns=["traceback"], errors="ignore").to_csv(run_dir / "results.csv", index=False)
     summary = summarise(results)
@@ -337,7 +338,7 @@ def write_report(
             else []
         ),
         f"- Command: `python -m benchmarks.run {args.command}`",
-        f"- Jobs finished between {first:%Y-%m-%d %H:%M} and {last:%H:%M} UTC on {machine_description()}, "
+        f"- Jobs {finished_span(rows)} on {machine_description()}, "
         f"accelerator {args.accelerator}; code at commit {code_description(rows)}",
         f"- Backbone: {args.backbone}; weights: {args.weights or 'timm hub'}; pre-processing: resize {args.image_size}"
         f"{f', centre crop {args.center_crop}' if args.center_crop else ''}, {args.backbone} normalisation",

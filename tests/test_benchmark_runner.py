@@ -259,10 +259,11 @@ def test_the_recorded_commit_is_marked_changed_by_code_not_by_results(tmp_path: 
     assert commit(tmp_path / "not_a_repository") == "unknown"
 
 
-def test_report_dates_jobs_by_their_recorded_finish_time(tmp_path: Path) -> None:
-    recorded, unrecorded = tmp_path / "a.json", tmp_path / "b.json"
-    for path in (recorded, unrecorded):
-        path.write_text("{}")
-    os.utime(unrecorded, (1_700_000_000, 1_700_000_000))
-    times = run.finish_times([{"finished": "2026-12-03T00:32:05+00:00"}, {}], [recorded, unrecorded])
-    assert [time.isoformat() for time in times] == ["2026-12-03T00:32:05+00:00", "2023-11-14T22:13:20+00:00"]
+def test_report_dates_jobs_by_their_recorded_finish_time_only() -> None:
+    same_day = [{"finished": "2026-12-03T00:32:05+00:00"}, {"finished": "2026-12-03T09:07:00+00:00"}]
+    assert run.finished_span(same_day) == "finished between 2026-12-03 00:32 and 09:07 UTC"
+    two_days = [{"finished": "2026-12-02T23:50:00+00:00"}, *same_day, {}, {}]
+    assert run.finished_span(two_days) == (
+        "finished between 2026-12-02 23:50 and 2026-12-03 09:07 UTC (2 jobs from before finish times were recorded)"
+    )
+    assert run.finished_span([{}]) == "finish times not recorded (1 job from before finish times were recorded)"
