@@ -372,37 +372,54 @@ def paper_tables() -> list[str]:
     return lines
 
 
+PROTOCOL_COLOURS = {"paper": "tab:blue", "synthetic": "tab:green", "from_train": "tab:orange", "crossfit": "tab:purple"}
+"""One colour per benchmark protocol, the same in every run's figure."""
+
+
 def plot(summary: pd.DataFrame, labels: Sequence[str], datasets: Sequence[str], path: Path) -> None:
     """Mean image AUROC per dataset and model, with the mean per-seed 95% bootstrap CI as error bars.
 
+    One panel per dataset and one column per label; with several protocols their points stand side by side in each
+    column, one colour per protocol, so the width grows with the labels only.
+
     Args:
         summary: Output of :func:`summarise`.
-        labels: Bar order.
+        labels: Column order.
         datasets: One panel per dataset.
         path: PNG file to write.
     """
-    figure, axes = plt.subplots(1, len(datasets), figsize=(1 + 0.6 * len(labels) * len(datasets), 4.2), squeeze=False)
-    indexed = summary.set_index(["dataset", "label"])
+    protocols = list(dict.fromkeys(summary.protocol))
+    width = 0.7 / len(protocols)
+    figure, axes = plt.subplots(1, len(datasets), figsize=(1.5 + 0.6 * len(labels) * len(datasets), 4.2), squeeze=False)
+    indexed = summary.set_index(["dataset", "label", "protocol"])
     for axis, dataset in zip(axes[0], datasets, strict=True):
-        means, lows, highs = [], [], []
-        for name in labels:
-            row = indexed.loc[(dataset, name)] if (dataset, name) in indexed.index else None
-            mean = np.nan if row is None else row.image_AUROC_mean
-            means.append(mean)
-            lows.append(0.0 if np.isnan(mean) else mean - row.image_AUROC_ci_low_mean)
-            highs.append(0.0 if np.isnan(mean) else row.image_AUROC_ci_high_mean - mean)
-        positions = np.arange(len(labels))
-        axis.errorbar(positions, means, yerr=[lows, highs], fmt="o", capsize=4, color="tab:blue")
-        for position, mean in zip(positions, means, strict=True):
-            if np.isnan(mean):
-                axis.text(position, 0.52, "not run", rotation=90, ha="center", va="bottom", fontsize=8)
+        floor = 0.5
+        for number, protocol in enumerate(protocols):
+            means, lows, highs = [], [], []
+            for name in labels:
+                key = (dataset, name, protocol)
+                row = indexed.loc[key] if key in indexed.index else None
+                mean = np.nan if row is None else row.image_AUROC_mean
+                means.append(mean)
+                lows.append(0.0 if np.isnan(mean) else mean - row.image_AUROC_ci_low_mean)
+                highs.append(0.0 if np.isnan(mean) else row.image_AUROC_ci_high_mean - mean)
+            positions = np.arange(len(labels)) + (number - (len(protocols) - 1) / 2) * width
+            shown = protocol if len(protocols) > 1 else None
+            colour = PROTOCOL_COLOURS.get(protocol, "tab:grey")
+            axis.errorbar(positions, means, yerr=[lows, highs], fmt="o", capsize=3, color=colour, label=shown)
+            for position, mean in zip(positions, means, strict=True):
+                if np.isnan(mean):
+                    axis.text(position, 0.52, "not run", rotation=90, ha="center", va="bottom", fontsize=7)
+            if not np.isnan(means).all():
+                floor = min(floor, np.nanmin(np.asarray(means) - np.asarray(lows)))
         axis.axhline(0.5, color="grey", linestyle=":", linewidth=1)
-        axis.set_xticks(positions, labels, rotation=45, ha="right", fontsize=8)
-        floor = np.nanmin(np.asarray(means) - np.asarray(lows)) if not np.isnan(means).all() else 0.5
+        axis.set_xticks(np.arange(len(labels)), labels, rotation=45, ha="right", fontsize=8)
         axis.set_ylim(min(0.4, floor - 0.05), 1.02)
         axis.grid(axis="y", alpha=0.3)
         axis.set_title(DATASET_TITLES.get(dataset, dataset))
         axis.set_ylabel("image AUROC (mean over seeds)")
+        if len(protocols) > 1:
+            axis.legend(title="protocol", fontsize=8, loc="lower left")
     figure.suptitle("Image AUROC (mean over seeds); error bars: mean of the per-seed 95% bootstrap CIs", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=120)

@@ -323,9 +323,7 @@ def write_report(
     labels = list(dict.fromkeys(label(results)))
     datasets = list(dict.fromkeys(results.dataset))
     protocols = list(dict.fromkeys(summary.protocol))
-    # One bar per model and protocol.
-    plotted = summary.assign(label=summary.label + (" (" + summary.protocol + ")" if len(protocols) > 1 else ""))
-    plot(plotted, list(dict.fromkeys(plotted.label)), datasets, run_dir / "auroc.png")
+    plot(summary, labels, datasets, run_dir / "auroc.png")
     trained = ", ".join(f"{name} {context.epochs[name]}" for name in (["adfa"] if args.ablation else args.models))
     capped = f" (capped by --max-epochs {args.max_epochs})" if args.max_epochs else ""
     title = "ADFA ablation" if args.ablation else "ADFA vs anomalib models"

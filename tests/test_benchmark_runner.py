@@ -267,3 +267,34 @@ def test_report_dates_jobs_by_their_recorded_finish_time_only() -> None:
         "finished between 2026-12-02 23:50 and 2026-12-03 09:07 UTC (2 jobs from before finish times were recorded)"
     )
     assert run.finished_span([{}]) == "finish times not recorded (1 job from before finish times were recorded)"
+
+
+def _plot_width(tmp_path: Path, protocols: list[str]) -> int:
+    from PIL import Image
+
+    from benchmarks.report import plot
+
+    labels, datasets = ["adfa", "padim", "patchcore"], ["brainmri", "covid"]
+    rows = [
+        {
+            "dataset": dataset,
+            "label": name,
+            "protocol": protocol,
+            "image_AUROC_mean": 0.8,
+            "image_AUROC_ci_low_mean": 0.7,
+            "image_AUROC_ci_high_mean": 0.9,
+        }
+        for dataset in datasets
+        for name in labels
+        for protocol in protocols
+        if (name, protocol) != ("padim", protocols[-1])  # one cell not run
+    ]
+    path = tmp_path / f"{len(protocols)}.png"
+    plot(pd.DataFrame(rows), labels, datasets, path)
+    return Image.open(path).size[0]
+
+
+def test_the_plot_puts_protocols_side_by_side_in_one_column_per_model(tmp_path: Path) -> None:
+    # A column per model and protocol made the two-protocol ablation figure 3288 px wide; the width now follows the
+    # models only.
+    assert _plot_width(tmp_path, ["from_train", "paper"]) == _plot_width(tmp_path, ["paper"])
