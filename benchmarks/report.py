@@ -390,7 +390,8 @@ def plot(summary: pd.DataFrame, labels: Sequence[str], datasets: Sequence[str], 
     """
     protocols = list(dict.fromkeys(summary.protocol))
     width = 0.7 / len(protocols)
-    figure, axes = plt.subplots(1, len(datasets), figsize=(1.5 + 0.6 * len(labels) * len(datasets), 4.2), squeeze=False)
+    panel_width = max(3.6, 0.9 + 0.6 * len(labels))  # room for the y label and the legend with a single column
+    figure, axes = plt.subplots(1, len(datasets), figsize=(panel_width * len(datasets), 4.4), squeeze=False)
     indexed = summary.set_index(["dataset", "label", "protocol"])
     for axis, dataset in zip(axes[0], datasets, strict=True):
         floor = 0.5
@@ -414,13 +415,14 @@ def plot(summary: pd.DataFrame, labels: Sequence[str], datasets: Sequence[str], 
                 floor = min(floor, np.nanmin(np.asarray(means) - np.asarray(lows)))
         axis.axhline(0.5, color="grey", linestyle=":", linewidth=1)
         axis.set_xticks(np.arange(len(labels)), labels, rotation=45, ha="right", fontsize=8)
+        axis.set_xlim(-0.6, len(labels) - 0.4)
         axis.set_ylim(min(0.4, floor - 0.05), 1.02)
         axis.grid(axis="y", alpha=0.3)
         axis.set_title(DATASET_TITLES.get(dataset, dataset))
         axis.set_ylabel("image AUROC (mean over seeds)")
         if len(protocols) > 1:
-            axis.legend(title="protocol", fontsize=8, loc="lower left")
-    figure.suptitle("Image AUROC (mean over seeds); error bars: mean of the per-seed 95% bootstrap CIs", fontsize=10)
+            axis.legend(title="protocol", fontsize=7, title_fontsize=8, loc="lower left")
+    figure.suptitle("Image AUROC (mean over seeds)\nerror bars: mean of the per-seed 95% bootstrap CIs", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
