@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 from anomalib_adfa.callbacks import CrossFitThreshold
 from anomalib_adfa.evaluation.conformal import clopper_pearson
@@ -22,6 +23,7 @@ from benchmarks.jobs import CROSSFIT_FOLDS, PROTOCOLS, JobSpec, MedicalBenchmark
 from benchmarks.machine import commit
 from benchmarks.metrics import auroc, best_f1, bootstrap_auroc_ci, operating_point
 from benchmarks.models import ModelSettings, UnsupportedModelError, build_model
+from benchmarks.report import plot
 
 
 def test_auroc_counts_ties_as_half() -> None:
@@ -270,10 +272,6 @@ def test_report_dates_jobs_by_their_recorded_finish_time_only() -> None:
 
 
 def _plot_width(tmp_path: Path, protocols: list[str]) -> int:
-    from PIL import Image
-
-    from benchmarks.report import plot
-
     labels, datasets = ["adfa", "padim", "patchcore"], ["brainmri", "covid"]
     rows = [
         {
